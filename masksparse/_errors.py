@@ -1,0 +1,40 @@
+"""The exceptions masksparse raises.
+
+Every error derives from :class:`MaskSparseError`. Where ``torch.nn.utils.prune`` raises a built-in
+type for the same mistake, the masksparse error also derives from that type, so ``except ValueError``
+written for torch keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MaskSparseError(Exception):
+    """Base class of every error raised by masksparse."""
+
+
+class PruningValueError(MaskSparseError, ValueError):
+    """An option or a tensor has a value that pruning cannot use (an amount out of range, say)."""
+
+
+class PruningTypeError(MaskSparseError, TypeError):
+    """An option has the wrong type (an amount that is neither int nor float, say)."""
+
+
+class PruningIndexError(MaskSparseError, IndexError):
+    """A dimension index is out of range for the tensor it addresses."""
+
+
+class PruningAttributeError(MaskSparseError, AttributeError):
+    """A module has no tensor of that name, or a pruned tensor was assigned to directly."""
+
+
+class ShapeMismatchError(MaskSparseError, ValueError, AssertionError):
+    """Two tensors that must have one shape do not.
+
+    It also derives from ``AssertionError`` because ``torch.nn.utils.prune`` raises that for a mismatched
+    ``importance_scores`` tensor.
+    """
+
+
+class StateDictError(MaskSparseError, RuntimeError):
+    """A state_dict does not fit the model it is loaded into (``load_state_dict`` raises RuntimeError)."""

@@ -1,0 +1,333 @@
+"""The functional interface: torch.nn.utils.prune's functions, plus ``remove_all`` and ``nm_structured``.
+
+Each function prunes in place and returns the module, like torch's. Masks are stored as bool buffers
+and ``module.<name>`` is computed from ``<name>_orig`` and ``<name>_mask`` whenever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
+from masksparse.prune import methods as _m
+from masksparse.prune.select import common_dtype, select_smallest
+
+Parameters = Iterable[tuple[nn.Module, str]]
+
+
+def identity(module: nn.Module, name: str) -> nn.Module:
+    """Set up the reparametrisation of ``module.<name>`` with an all-ones mask.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.identity(torch.nn.Linear(3, 2), "bias")
+        >>> sorted(dict(layer.named_buffers()))
+        ['bias_mask']
+    """
+    _m.Identity.apply(module, name)
+    return module
+
+
+def random_unstructured(module: nn.Module, name: str, amount: float) -> nn.Module:
+    """Prune ``amount`` entries of ``module.<name>`` chosen at random (an int counts, a float is a fraction).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.random_unstructured(torch.nn.Linear(4, 5), "weight", amount=0.25)
+        >>> int((~layer.weight_mask).sum())
+        5
+    """
+    _m.RandomUnstructured.apply(module, name, amount)
+    return module
+
+
+def l1_unstructured(
+    module: nn.Module, name: str, amount: float, importance_scores: torch.Tensor | None = None
+) -> nn.Module:
+    """Prune the ``amount`` entries of ``module.<name>`` with the smallest absolute value.
+
+    ``importance_scores`` (same shape) rank the entries instead of the tensor itself.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.l1_unstructured(torch.nn.Linear(4, 5), "weight", amount=0.5)
+        >>> float((layer.weight == 0).float().mean())
+        0.5
+    """
+    _m.L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    return module
+
+
+def random_structured(module: nn.Module, name: str, amount: float, dim: int) -> nn.Module:
+    """Prune ``amount`` whole channels of ``module.<name>`` along ``dim``, chosen at random.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.random_structured(torch.nn.Linear(4, 6), "weight", amount=0.5, dim=0)
+        >>> int(layer.weight_mask.any(dim=1).sum())
+        3
+    """
+    _m.RandomStructured.apply(module, name, amount, dim)
+    return module
+
+
+def ln_structured(
+    module: nn.Module,
+    name: str,
+    amount: float,
+    n: Any,
+    dim: int,
+    importance_scores: torch.Tensor | None = None,
+) -> nn.Module:
+    """Prune the ``amount`` channels of ``module.<name>`` along ``dim`` with the smallest ``n``-norm.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.ln_structured(torch.nn.Linear(4, 6), "weight", amount=2, n=1, dim=0)
+        >>> int((~layer.weight_mask.any(dim=1)).sum())
+        2
+    """
+    _m.LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    return module
+
+
+def custom_from_mask(module: nn.Module, name: str, mask: torch.Tensor) -> nn.Module:
+    """Prune ``module.<name>`` where ``mask`` is zero.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.custom_from_mask(torch.nn.Linear(3, 1), "bias", mask=torch.tensor([0.0]))
+        >>> layer.bias_mask
+        tensor([False])
+    """
+    _m.CustomFromMask.apply(module, name, mask=mask)
+    return module
+
+
+def nm_structured(
+    module: nn.Module,
+    name: str,
+    n: int,
+    m: int,
+    dim: int = -1,
+    importance_scores: torch.Tensor | None = None,
+) -> nn.Module:
+    """N:M sparsity: keep the ``n`` largest ``|w|`` of every ``m`` consecutive entries along ``dim``.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.nm_structured(torch.nn.Linear(8, 2), "weight", n=2, m=4)
+        >>> float(layer.weight_mask.float().mean())
+        0.5
+    """
+    _m.NMStructured.apply(module, name, n, m, dim, importance_scores=importance_scores)
+    return module
+
+
+def remove(module: nn.Module, name: str) -> nn.Module:
+    """Make the pruning of ``module.<name>`` permanent.
+
+    ``<name>_orig`` (the same Parameter object, masked entries now zero) becomes ``<name>`` again, and the
+    mask and the hook go. Works on tensors pruned by masksparse or by torch.nn.utils.prune.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.l1_unstructured(torch.nn.Linear(3, 2), "weight", amount=2)
+        >>> layer = prune.remove(layer, "weight")
+        >>> [name for name, _ in layer.named_parameters()], int((layer.weight == 0).sum())
+        (['bias', 'weight'], 2)
+    """
+    found = _m._hook_for(module, name)
+    if found is None:
+        raise PruningValueError(
+            f"Parameter '{name}' of module {type(module).__name__} has to be pruned before pruning can be removed"
+        )
+    key, hook = found
+    hook.remove(module)
+    del module._forward_pre_hooks[key]
+    return module
+
+
+def remove_all(model: nn.Module) -> nn.Module:
+    """Make every pruned tensor of ``model`` permanent (see :func:`remove`); return ``model``.
+
+    Afterwards the state_dict has plain keys and loads into a fresh, unpruned model.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+        >>> prune.global_unstructured(
+        ...     [(model[0], "weight"), (model[1], "weight")], prune.L1Unstructured, amount=0.5)
+        >>> list(prune.remove_all(model).state_dict())
+        ['0.bias', '0.weight', '1.bias', '1.weight']
+    """
+    for module in model.modules():
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, _m.TorchMethod)]:
+            remove(module, hook._tensor_name)
+    return model
+
+
+def is_pruned(module: nn.Module) -> bool:
+    """Whether any submodule of ``module`` has a pruned tensor (by masksparse or torch.nn.utils.prune).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> prune.is_pruned(layer), prune.is_pruned(prune.identity(layer, "weight"))
+        (False, True)
+    """
+    return any(
+        isinstance(hook, _m.TorchMethod)
+        for sub in module.modules()
+        for hook in sub._forward_pre_hooks.values()
+    )
+
+
+class _Target:
+    """One (module, name) of a global pruning call, resolved and validated before anything changes."""
+
+    def __init__(self, module: nn.Module, name: str, scores: torch.Tensor | None) -> None:
+        if not isinstance(module, nn.Module) or not isinstance(name, str):
+            raise PruningTypeError(
+                f"global_unstructured(): expected (module, name) pairs, got ({module!r}, {name!r})"
+            )
+        self.module, self.name = module, name
+        if _m._hook_for(module, name) is not None:
+            self.tensor = getattr(module, name + "_orig")
+            stored = getattr(module, name + "_mask")
+            self.candidates: torch.Tensor | None = stored if stored.dtype == torch.bool else stored != 0
+        else:
+            tensor = module._parameters.get(name)
+            if not isinstance(tensor, nn.Parameter):
+                raise PruningAttributeError(_m._not_prunable(module, name))
+            self.tensor, self.candidates = tensor, None
+        if scores is not None:
+            _m._check_same_shape(
+                f"importance_scores for {type(module).__name__}.{name}", scores, name, self.tensor
+            )
+        self.importance = scores
+
+    @property
+    def remaining(self) -> int:
+        return self.tensor.numel() if self.candidates is None else int(self.candidates.sum())
+
+
+def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
+    if not isinstance(parameters, Iterable):
+        raise PruningTypeError("global_unstructured(): parameters is not an Iterable")
+    scores = {} if importance_scores is None else importance_scores
+    if not isinstance(scores, dict):
+        raise PruningTypeError("global_unstructured(): importance_scores must be of type dict")
+    targets, seen = [], set()
+    for module, name in parameters:
+        if (id(module), name) in seen:
+            raise PruningValueError(
+                f"global_unstructured(): ({type(module).__name__}, {name!r}) is listed twice"
+            )
+        seen.add((id(module), name))
+        targets.append(_Target(module, name, scores.get((module, name))))
+    if not targets:
+        raise PruningValueError("global_unstructured(): parameters is empty")
+    return targets
+
+
+def _score_functions(method: _m.TorchMethod, targets: list[_Target]) -> list[Any]:
+    """Per-tensor score callables for the methods that rank entries one by one, else None."""
+    if isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
+        return [
+            lambda t=t: (t.tensor if t.importance is None else t.importance).detach().abs() for t in targets
+        ]
+    if isinstance(method, (_m.RandomUnstructured, torch_prune.RandomUnstructured)):
+        # One seed per tensor drawn from the global generator, so every pass regenerates the same scores.
+        seeds = torch.randint(0, 2**62, (len(targets),)).tolist()
+        return [
+            lambda t=t, s=s: torch.rand(t.tensor.shape, generator=torch.Generator().manual_seed(s))
+            for t, s in zip(targets, seeds)
+        ]
+    return []
+
+
+def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
+    """The global masks, each target's mask after pruning, with exactly torch's number of entries pruned."""
+    scores = _score_functions(method, targets)
+    if not scores:
+        return _new_masks_concatenated(method, targets)
+    count = _m.count_to_prune(method.amount, sum(t.remaining for t in targets))
+    dtype = common_dtype([t.tensor.dtype if t.importance is None else t.importance.dtype for t in targets])
+    chosen = select_smallest(scores, [t.candidates for t in targets], count, dtype)
+    return [c.logical_not_() if t.candidates is None else t.candidates & ~c for c, t in zip(chosen, targets)]
+
+
+def _new_masks_concatenated(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
+    """torch's own algorithm, for methods that must see all remaining scores at once (custom methods)."""
+    scores = torch.cat(
+        [(t.tensor if t.importance is None else t.importance).detach().reshape(-1) for t in targets]
+    )
+    masks = [
+        torch.ones(t.tensor.numel()) if t.candidates is None else t.candidates.reshape(-1) for t in targets
+    ]
+    method._tensor_name = "global"
+    container = _m.PruningContainer(method)
+    mask = container.compute_mask(scores, default_mask=torch.cat([m.to(scores.dtype) for m in masks]))
+    pieces = torch.split(mask != 0, [t.tensor.numel() for t in targets])
+    return [piece.view(t.tensor.shape) for piece, t in zip(pieces, targets)]
+
+
+def global_unstructured(
+    parameters: Parameters,
+    pruning_method: type[_m.TorchMethod],
+    importance_scores: dict[tuple[nn.Module, str], torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Prune the entries of several tensors together, ranking them all at once.
+
+    With ``L1Unstructured`` (or ``RandomUnstructured``) exactly as many entries are pruned as torch would
+    prune, a valid set of the smallest, found without concatenating the scores: memory stays near the
+    size of the largest tensor instead of several times the model. Other unstructured methods fall back
+    to torch's concatenating algorithm.
+
+    Args:
+        parameters: ``(module, name)`` pairs.
+        pruning_method: an unstructured method class, e.g. ``prune.L1Unstructured``.
+        importance_scores: optional ``{(module, name): scores}`` to rank by instead of the tensors.
+        **kwargs: options for ``pruning_method``, e.g. ``amount``.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10))
+        >>> prune.global_unstructured(
+        ...     [(model[0], "weight"), (model[1], "weight")], prune.L1Unstructured, amount=0.3)
+        >>> int((~model[0].weight_mask).sum() + (~model[1].weight_mask).sum())
+        60
+    """
+    targets = _resolve(parameters, importance_scores)
+    method = pruning_method(**kwargs)
+    kind = getattr(method, "PRUNING_TYPE", None)
+    if kind != "unstructured":
+        raise PruningTypeError(
+            'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
+            f"Found method {pruning_method} of type {kind}"
+        )
+    with torch.no_grad():
+        masks = _new_masks(method, targets)
+    for target, mask in zip(targets, masks):
+        applied = _m.CustomFromMask(mask)
+        _m.apply_method(applied, target.module, target.name)
+        # Point the hook at the stored buffer rather than keeping a second copy of the mask alive.
+        applied.mask = getattr(target.module, target.name + "_mask")

@@ -1,0 +1,608 @@
+"""Pruning methods: small objects that validate their options once and compute masks.
+
+The classes mirror ``torch.nn.utils.prune`` name for name and mask for mask (random methods consume the
+random number generator exactly as torch does). :class:`BasePruningMethod` subclasses torch's, so torch's
+``is_pruned`` and ``remove`` recognise masksparse hooks and a method written for torch works here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from masksparse._errors import (
+    PruningAttributeError,
+    PruningIndexError,
+    PruningTypeError,
+    PruningValueError,
+    ShapeMismatchError,
+)
+from masksparse.prune import _reparam
+
+TorchMethod = torch_prune.BasePruningMethod
+
+
+def _bool_safe(compute_mask: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark a ``compute_mask`` that works on bool masks, so masks never pass through float copies."""
+    compute_mask._masksparse_bool_safe = True  # type: ignore[attr-defined]
+    return compute_mask
+
+
+def accepts_bool_masks(method: TorchMethod) -> bool:
+    """Whether ``method.compute_mask`` is one of ours that computes bool masks from bool masks.
+
+    Other methods (a user's subclass that overrides ``compute_mask``, or a torch method) get float masks,
+    exactly as torch.nn.utils.prune passes them, and their result is converted afterwards.
+    """
+    if isinstance(method, PruningContainer):
+        return accepts_bool_masks(method[-1])
+    return getattr(type(method).compute_mask, "_masksparse_bool_safe", False)
+
+
+def validate_amount(amount: Any) -> None:
+    """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction)."""
+    if not isinstance(amount, numbers.Real):
+        raise PruningTypeError(f"Invalid type for amount: {amount!r}. Must be int or float.")
+    if (isinstance(amount, numbers.Integral) and amount < 0) or (
+        not isinstance(amount, numbers.Integral) and not 0.0 <= float(amount) <= 1.0
+    ):
+        raise PruningValueError(
+            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
+        )
+
+
+def count_to_prune(amount: float, size: int) -> int:
+    """How many of ``size`` entries ``amount`` prunes (a float rounds like Python's ``round``)."""
+    count = int(amount) if isinstance(amount, numbers.Integral) else round(float(amount) * size)
+    if count > size:
+        raise PruningValueError(
+            f"amount={amount} should be smaller than the number of parameters to prune={size}"
+        )
+    return count
+
+
+def _normalise_dim(t: torch.Tensor, dim: int) -> int:
+    if not -t.dim() <= dim < t.dim():
+        raise PruningIndexError(f"Invalid index {dim} for tensor of size {tuple(t.shape)}")
+    return dim % t.dim()
+
+
+def _require_structured(t: torch.Tensor) -> None:
+    if t.dim() <= 1:
+        raise PruningValueError(
+            "Structured pruning can only be applied to multidimensional tensors. "
+            f"Found tensor of shape {tuple(t.shape)} with {t.dim()} dims"
+        )
+
+
+def _channel_mask(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """A mask like ``t`` that is one on the channels ``keep`` (indices or bool) along ``dim``."""
+    mask = torch.zeros_like(t)
+    index: list[Any] = [slice(None)] * t.dim()
+    index[dim] = keep
+    mask[tuple(index)] = 1
+    return mask
+
+
+class BasePruningMethod(TorchMethod):
+    """Base class for pruning methods, with ``torch.nn.utils.prune.BasePruningMethod``'s interface.
+
+    A subclass sets ``PRUNING_TYPE`` (``"unstructured"``, ``"structured"`` with a ``dim`` attribute, or
+    ``"global"``) and implements :meth:`compute_mask`; :meth:`apply` then prunes a module with it.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> class EveryOther(prune.BasePruningMethod):
+        ...     PRUNING_TYPE = "unstructured"
+        ...     def compute_mask(self, t, default_mask):
+        ...         mask = default_mask.clone()
+        ...         mask.view(-1)[::2] = 0
+        ...         return mask
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> hook = EveryOther.apply(layer, "weight")
+        >>> layer.weight_mask.view(-1).tolist()
+        [False, True, False, True, False, True, False, True]
+    """
+
+    PRUNING_TYPE: str = "unstructured"
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        """Forward pre-hook. ``module.<name>`` is computed on read, so only cached copies need refreshing."""
+        if isinstance(module, nn.RNNBase):
+            # RNN modules hand a list of their weights to the fused kernel; rebuild it from the properties.
+            module._init_flat_weights()
+
+    @abstractmethod
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Return the mask for ``t``, starting from ``default_mask`` (already-pruned entries are zero)."""
+
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        """Return ``<name>_orig * <name>_mask`` for the tensor this method prunes."""
+        return _reparam.masked_value(
+            getattr(module, self._tensor_name + "_orig"), getattr(module, self._tensor_name + "_mask")
+        )
+
+    @classmethod
+    def apply(
+        cls,
+        module: nn.Module,
+        name: str,
+        *args: Any,
+        importance_scores: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> TorchMethod:
+        """Prune tensor ``name`` of ``module`` with a new ``cls(*args, **kwargs)``; return the installed hook.
+
+        On any error the module is left exactly as it was.
+        """
+        return apply_method(cls(*args, **kwargs), module, name, importance_scores)
+
+    def prune(
+        self,
+        t: torch.Tensor,
+        default_mask: torch.Tensor | None = None,
+        importance_scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return ``t`` with this method's mask applied, without touching any module."""
+        scores = t if importance_scores is None else importance_scores
+        _check_same_shape("importance_scores", scores, "the tensor t", t)
+        mask = torch.ones_like(t) if default_mask is None else default_mask
+        return t * self.compute_mask(scores, default_mask=mask)
+
+    def remove(self, module: nn.Module) -> None:
+        """Make the pruning permanent: ``<name>_orig`` (the same Parameter) becomes ``<name>`` again."""
+        _reparam.uninstall(module, self._tensor_name)
+
+
+def _check_same_shape(what: str, t: torch.Tensor, against: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ShapeMismatchError(
+            f"{what} should have the same shape as {against}: got {tuple(t.shape)}, expected {tuple(ref.shape)}"
+        )
+
+
+def _unstructured_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
+    return mask == 1
+
+
+def _structured_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
+    if not hasattr(method, "dim"):
+        raise AttributeError(
+            'Pruning methods of PRUNING_TYPE "structured" need to have the attribute `dim` defined.'
+        )
+    dim = _normalise_dim(t, method.dim)
+    index: list[Any] = [slice(None)] * t.dim()
+    index[dim] = mask.sum(dim=[d for d in range(t.dim()) if d != dim]) != 0
+    return tuple(index)
+
+
+def _global_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
+    return (slice(None),) * t.dim()
+
+
+# Which part of the tensor a new method prunes when it is added on top of earlier ones (torch's rules).
+_REMAINING_PART: dict[str, Callable[[TorchMethod, torch.Tensor, torch.Tensor], Any]] = {
+    "unstructured": _unstructured_slice,
+    "structured": _structured_slice,
+    "global": _global_slice,
+}
+
+
+class PruningContainer(BasePruningMethod):
+    """The sequence of methods applied to one tensor by iterative pruning.
+
+    The newest method only sees what the earlier ones left: unstructured methods the unpruned entries,
+    structured methods the channels that still have an unpruned entry, so amounts are relative to what
+    remains.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.l1_unstructured(torch.nn.Linear(10, 10), "weight", amount=0.5)
+        >>> layer = prune.l1_unstructured(layer, "weight", amount=0.5)
+        >>> hook = next(iter(layer._forward_pre_hooks.values()))
+        >>> len(hook), int(layer.weight_mask.sum())
+        (2, 25)
+    """
+
+    def __init__(self, *methods: TorchMethod) -> None:
+        self._pruning_methods: tuple[TorchMethod, ...] = ()
+        if methods:
+            self._tensor_name = methods[0]._tensor_name
+        for method in methods:
+            self.add_pruning_method(method)
+
+    def add_pruning_method(self, method: TorchMethod) -> None:
+        """Append ``method``; it must act on the same tensor name as the container."""
+        if not isinstance(method, TorchMethod) and method is not None:
+            raise PruningTypeError(f"{type(method)} is not a BasePruningMethod subclass")
+        if method is not None and getattr(self, "_tensor_name", None) != method._tensor_name:
+            raise PruningValueError(
+                f"Can only add pruning methods acting on the parameter named "
+                f"'{getattr(self, '_tensor_name', None)}' to PruningContainer {self}. "
+                f"Found '{method._tensor_name}'"
+            )
+        self._pruning_methods += (method,)
+
+    def __len__(self) -> int:
+        return len(self._pruning_methods)
+
+    def __iter__(self) -> Any:
+        return iter(self._pruning_methods)
+
+    def __getitem__(self, idx: int) -> TorchMethod:
+        return self._pruning_methods[idx]
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Let the newest method prune the part of ``t`` that ``default_mask`` leaves, as torch does."""
+        method = self._pruning_methods[-1]
+        kind = getattr(method, "PRUNING_TYPE", None)
+        part = _REMAINING_PART.get(kind) if isinstance(kind, str) else None
+        if part is None:
+            raise PruningValueError(f"Unrecognized PRUNING_TYPE {kind!r} of {type(method).__name__}")
+        index = part(method, t, default_mask)
+        new_mask = (
+            default_mask.clone() if default_mask.dtype == torch.bool else default_mask.to(dtype=t.dtype)
+        )
+        new_mask[index] = method.compute_mask(t[index], default_mask=default_mask[index]).to(
+            dtype=new_mask.dtype
+        )
+        return new_mask
+
+
+class Identity(BasePruningMethod):
+    """Prune nothing: the mask is all ones (useful to set up the reparametrisation).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.identity(torch.nn.Linear(3, 2), "weight")
+        >>> bool(layer.weight_mask.all())
+        True
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Return ``default_mask`` unchanged."""
+        return default_mask
+
+
+class RandomUnstructured(BasePruningMethod):
+    """Prune ``amount`` entries chosen uniformly at random.
+
+    Args:
+        amount: an int (how many entries) or a float in [0, 1] (the fraction, rounded like ``round``).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.random_unstructured(torch.nn.Linear(10, 10), "weight", amount=30)
+        >>> int((~layer.weight_mask).sum())
+        30
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float) -> None:
+        validate_amount(amount)
+        self.amount = amount
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero ``amount`` random entries of ``default_mask``."""
+        count = count_to_prune(self.amount, t.nelement())
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if count != 0:
+            prob = torch.rand_like(t)
+            mask.view(-1)[torch.topk(prob.view(-1), k=count).indices] = 0
+        return mask
+
+
+class L1Unstructured(BasePruningMethod):
+    """Prune the ``amount`` entries of smallest absolute value.
+
+    Args:
+        amount: an int (how many entries) or a float in [0, 1] (the fraction, rounded like ``round``).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[0.1, -3.0], [2.0, -0.2]]))
+        >>> layer = prune.l1_unstructured(layer, "weight", amount=0.5)
+        >>> layer.weight_mask
+        tensor([[False,  True],
+                [ True, False]])
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float) -> None:
+        validate_amount(amount)
+        self.amount = amount
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero the ``amount`` smallest ``|t|`` in ``default_mask``."""
+        count = count_to_prune(self.amount, t.nelement())
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if count != 0:
+            mask.view(-1)[torch.topk(torch.abs(t).view(-1), k=count, largest=False).indices] = 0
+        return mask
+
+
+class RandomStructured(BasePruningMethod):
+    """Prune ``amount`` whole channels along ``dim``, chosen at random.
+
+    Args:
+        amount: an int (how many channels) or a float in [0, 1] (the fraction).
+        dim: the dimension that indexes the channels (0: output channels of a conv or Linear).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.random_structured(torch.nn.Linear(4, 6), "weight", amount=2, dim=0)
+        >>> int((~layer.weight_mask.any(dim=1)).sum())
+        2
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float, dim: int = -1) -> None:
+        validate_amount(amount)
+        self.amount = amount
+        self.dim = dim
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero ``amount`` random channels along ``dim`` of ``default_mask``."""
+        _require_structured(t)
+        dim = _normalise_dim(t, self.dim)
+        channels = t.shape[dim]
+        count = count_to_prune(self.amount, channels)
+        if count == 0:
+            return default_mask
+        prob = torch.rand(channels)
+        threshold = torch.kthvalue(prob, k=count).values
+        mask = _channel_mask(t, dim, prob > threshold)
+        mask *= default_mask.to(dtype=mask.dtype)
+        return mask
+
+
+def _validate_norm(n: Any) -> None:
+    if n in ("fro", "nuc") or (isinstance(n, numbers.Real) and not isinstance(n, bool)):
+        return
+    raise PruningValueError(f"n={n!r} is not a norm order: use an int or float (inf allowed), 'fro' or 'nuc'")
+
+
+def channel_norms(t: torch.Tensor, n: Any, dim: int) -> torch.Tensor:
+    """The ``n``-norm of every slice of ``t`` along ``dim`` (torch's ``_compute_norm``)."""
+    dims = [d for d in range(t.dim()) if d != dim % t.dim()]
+    if n == "nuc" or (n == "fro" and len(dims) == 2):
+        return torch.linalg.matrix_norm(t, ord=n, dim=dims if len(dims) == 2 else (-2, -1))
+    return torch.linalg.vector_norm(t, ord=2 if n == "fro" else n, dim=dims)
+
+
+class LnStructured(BasePruningMethod):
+    """Prune the ``amount`` channels along ``dim`` with the smallest ``n``-norm.
+
+    Args:
+        amount: an int (how many channels) or a float in [0, 1] (the fraction).
+        n: the norm order, as in ``torch.linalg.vector_norm`` (``1``, ``2``, ``inf``, ``'fro'``, ``'nuc'``).
+        dim: the dimension that indexes the channels.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.ln_structured(torch.nn.Conv2d(3, 8, 3), "weight", amount=0.5, n=2, dim=0)
+        >>> int(layer.weight_mask.flatten(1).any(dim=1).sum())
+        4
+    """
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float, n: Any, dim: int = -1) -> None:
+        validate_amount(amount)
+        _validate_norm(n)
+        self.amount = amount
+        self.n = n
+        self.dim = dim
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Keep the channels of largest norm, within ``default_mask``."""
+        _require_structured(t)
+        dim = _normalise_dim(t, self.dim)
+        channels = t.shape[dim]
+        count = count_to_prune(self.amount, channels)
+        if count == 0:
+            return default_mask
+        keep = torch.topk(channel_norms(t, self.n, dim), k=channels - count, largest=True).indices
+        mask = _channel_mask(t, dim, keep)
+        mask *= default_mask.to(dtype=mask.dtype)
+        return mask
+
+
+class CustomFromMask(BasePruningMethod):
+    """Prune with a mask the caller supplies (combined with any earlier mask).
+
+    Args:
+        mask: a tensor of the pruned tensor's shape; zeros prune.
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.custom_from_mask(torch.nn.Linear(2, 1), "bias", mask=torch.tensor([0]))
+        >>> layer.bias_mask, float(layer.bias.abs().sum())
+        (tensor([False]), 0.0)
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor):
+            raise PruningTypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        self.mask = mask
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Return ``default_mask * mask``."""
+        _check_same_shape("mask", self.mask, "the pruned tensor", default_mask)
+        return default_mask * self.mask.to(dtype=default_mask.dtype)
+
+
+class NMStructured(BasePruningMethod):
+    """N:M semi-structured sparsity: keep the ``n`` largest ``|w|`` of every ``m`` consecutive entries.
+
+    2:4 along the input dimension of a Linear weight is the pattern that sparse GPU kernels accelerate.
+    Entries pruned earlier count as pruned within their group.
+
+    Args:
+        n: entries kept per group (``0 <= n <= m``).
+        m: group length; the size of ``dim`` must be a multiple of it.
+        dim: the dimension along which groups run (default: the last, a Linear's inputs).
+
+    Example:
+        >>> import torch
+        >>> from masksparse import prune
+        >>> layer = prune.nm_structured(torch.nn.Linear(8, 4), "weight", n=2, m=4)
+        >>> layer.weight_mask.view(4, 2, 4).sum(dim=-1).tolist()
+        [[2, 2], [2, 2], [2, 2], [2, 2]]
+    """
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, n: int, m: int, dim: int = -1) -> None:
+        for label, value in (("n", n), ("m", m), ("dim", dim)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise PruningTypeError(f"N:M pruning needs an int {label}, got {value!r}")
+        if m < 1 or not 0 <= n <= m:
+            raise PruningValueError(f"N:M pruning needs 0 <= n <= m and m >= 1, got n={n}, m={m}")
+        self.n, self.m, self.dim = int(n), int(m), int(dim)
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero the ``m - n`` smallest ``|t|`` of every group (already-pruned entries first)."""
+        if t.dim() == 0:
+            raise PruningValueError("N:M pruning needs a tensor with at least one dimension, got a scalar")
+        dim = _normalise_dim(t, self.dim)
+        if t.shape[dim] % self.m:
+            raise PruningValueError(
+                f"N:M pruning with m={self.m} needs the size of dim {dim} to be a multiple of {self.m}; "
+                f"the tensor has shape {tuple(t.shape)}"
+            )
+        moved = t.movedim(dim, -1)
+        scores = (
+            moved.abs()
+            .reshape(-1, self.m)
+            .masked_fill(default_mask.movedim(dim, -1).reshape(-1, self.m) == 0, -1)
+        )
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        if self.n < self.m:
+            keep.scatter_(1, torch.topk(scores, self.m - self.n, dim=1, largest=False).indices, False)
+        keep = keep.reshape(moved.shape).movedim(-1, dim)
+        return default_mask * keep.to(dtype=default_mask.dtype)
+
+
+def _hook_for(module: nn.Module, name: str) -> tuple[Any, TorchMethod] | None:
+    found = [
+        (k, h)
+        for k, h in module._forward_pre_hooks.items()
+        if isinstance(h, TorchMethod) and h._tensor_name == name
+    ]
+    if len(found) > 1:
+        raise PruningValueError(
+            f"{type(module).__name__} has {len(found)} pruning hooks for {name!r}; expected at most one"
+        )
+    return found[0] if found else None
+
+
+def _as_stored_mask(
+    mask: torch.Tensor, orig: torch.Tensor, module: nn.Module, name: str, method: Any
+) -> torch.Tensor:
+    """Validate a computed mask and store it as bool when it is binary, else in ``orig``'s dtype."""
+    if not isinstance(mask, torch.Tensor):
+        raise PruningTypeError(
+            f"{type(method).__name__}.compute_mask returned {type(mask).__name__}, not a tensor"
+        )
+    _check_same_shape(
+        f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, f"{name}", orig
+    )
+    if mask.dtype == torch.bool:
+        return mask.to(device=orig.device)
+    if bool(((mask == 0) | (mask == 1)).all()):
+        return (mask != 0).to(device=orig.device)
+    return mask.to(dtype=orig.dtype, device=orig.device)
+
+
+def apply_method(
+    method: TorchMethod, module: nn.Module, name: str, importance_scores: torch.Tensor | None = None
+) -> TorchMethod:
+    """Prune ``module.<name>`` with an already constructed ``method``; return the hook now installed.
+
+    Everything that can fail (a missing tensor, mismatched shapes, ``compute_mask`` itself) happens
+    before the module is touched, so a failed call leaves it exactly as it was.
+    """
+    if not isinstance(method, TorchMethod):
+        raise PruningTypeError(f"{type(method).__name__} is not a BasePruningMethod subclass")
+    old = _hook_for(module, name)
+    mask_dtype = torch.bool if accepts_bool_masks(method) else None
+    if old is None:
+        tensor = module._parameters.get(name)
+        if not isinstance(tensor, nn.Parameter):
+            raise PruningAttributeError(_not_prunable(module, name))
+        default_mask = torch.ones_like(tensor, dtype=mask_dtype)
+        current: torch.Tensor = tensor
+    else:
+        orig, stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        default_mask = (
+            stored.detach().to(dtype=mask_dtype or orig.dtype).clone(memory_format=torch.contiguous_format)
+        )
+        current = _reparam.masked_value(orig, stored)
+    scores = current if importance_scores is None else importance_scores
+    _check_same_shape(f"importance_scores for {type(module).__name__}.{name}", scores, f"{name}", current)
+
+    method._tensor_name = name
+    hook: TorchMethod = method
+    if old is not None:
+        # A new container (not the old one, mutated) so that a failure below changes nothing.
+        earlier = (
+            tuple(old[1])
+            if isinstance(old[1], (PruningContainer, torch_prune.PruningContainer))
+            else (old[1],)
+        )
+        hook = PruningContainer(*earlier, method)
+    with torch.no_grad():
+        mask = hook.compute_mask(scores, default_mask=default_mask)
+    mask = _as_stored_mask(mask, current, module, name, method)
+
+    if old is None:
+        _reparam.install(module, name, mask)
+    else:
+        del module._forward_pre_hooks[old[0]]
+        stored = module._buffers[name + "_mask"]
+        if stored is not None and stored.dtype == mask.dtype:
+            stored.copy_(mask)  # in place: the buffer keeps its identity and no stale copy is left
+        else:
+            module.register_buffer(name + "_mask", mask)
+        _reparam.adopt(module, name)
+    module.register_forward_pre_hook(hook)
+    return hook
+
+
+def _not_prunable(module: nn.Module, name: str) -> str:
+    kind = type(module).__name__
+    if name in module._parameters:
+        return f"{kind}.{name} is None: there is nothing to prune"
+    if name in module._buffers:
+        return f"{kind}.{name} is a buffer; only parameters can be pruned"
+    params = ", ".join(module._parameters) or "none"
+    return f"{kind} has no parameter named {name!r} (its parameters: {params})"
