@@ -153,7 +153,8 @@ def remove(module: nn.Module, name: str) -> nn.Module:
     found = _m._hook_for(module, name)
     if found is None:
         raise PruningValueError(
-            f"Parameter '{name}' of module {type(module).__name__} has to be pruned before pruning can be removed"
+            f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
+            "before pruning can be removed"
         )
     key, hook = found
     hook.remove(module)

@@ -164,7 +164,8 @@ class BasePruningMethod(TorchMethod):
 def _check_same_shape(what: str, t: torch.Tensor, against: str, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
         raise ShapeMismatchError(
-            f"{what} should have the same shape as {against}: got {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            f"{what} should have the same shape as {against}: "
+            f"got {tuple(t.shape)}, expected {tuple(ref.shape)}"
         )
 
 
