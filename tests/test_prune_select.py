@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from masksparse import PruningValueError
 from masksparse.prune import select
-from masksparse.prune.select import common_dtype, select_smallest
+from masksparse.prune.select import ElementwiseScores, RandomScores, common_dtype, select_smallest
 
 
 @st.composite
@@ -36,7 +36,7 @@ def score_sets(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor |
 def _check(
     scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k: int, dtype: torch.dtype
 ) -> None:
-    chosen = select_smallest([lambda s=s: s for s in scores], candidates, k, dtype)
+    chosen = select_smallest([ElementwiseScores(s) for s in scores], candidates, k, dtype)
     allowed = [torch.ones_like(s, dtype=torch.bool) if c is None else c for s, c in zip(scores, candidates)]
     assert sum(int(c.sum()) for c in chosen) == k
     picked = torch.cat([s[c] for s, c in zip(scores, chosen)])
@@ -58,16 +58,37 @@ def test_selects_exactly_the_k_smallest_with_ties_in_order(case: tuple) -> None:
     _check(*case)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(case=score_sets())
-def test_refinement_passes_agree_with_gathering(case: tuple) -> None:
-    """With buckets forced to be refined down to single values, the answer is the same."""
-    limit = select._GATHER_LIMIT
-    select._GATHER_LIMIT = 0
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(case=score_sets(), limit=st.sampled_from([0, 1, 4, 16]), sample=st.sampled_from([1, 4, 64]))
+def test_sampled_brackets_and_radix_refinement_agree(case: tuple, limit: int, sample: int) -> None:
+    """With tiny gather limits and samples, the sampled bracket or the radix fallback agrees."""
+    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE
+    select._GATHER_LIMIT, select._SAMPLE_SIZE = limit, sample
     try:
         _check(*case)
     finally:
-        select._GATHER_LIMIT = limit
+        select._GATHER_LIMIT, select._SAMPLE_SIZE = saved
+
+
+def test_misleading_sample_falls_back_to_the_exact_bracket() -> None:
+    """A strided sample that sees only one kind of value still leads to the exact answer."""
+    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE
+    select._GATHER_LIMIT, select._SAMPLE_SIZE = 8, 4
+    try:
+        periodic = torch.zeros(64)
+        periodic[1::2] = torch.arange(1.0, 33.0)  # every sample lands on an even index: all zeros
+        _check([periodic], [None], 40, torch.float32)
+        _check([torch.full((50,), 2.0), torch.ones(30)], [None, None], 45, torch.float32)
+    finally:
+        select._GATHER_LIMIT, select._SAMPLE_SIZE = saved
+
+
+def test_random_scores_are_reproducible_and_uniform() -> None:
+    """RandomScores regenerate the same values on every pass; strided() is a view of full()."""
+    source = RandomScores((10, 10), seed=3)
+    assert torch.equal(source.full(), source.full())
+    assert torch.equal(source.strided(7), source.full().reshape(-1)[::7])
+    assert source.numel() == 100 and float(source.full().min()) >= 0 and float(source.full().max()) < 1
 
 
 def test_continuous_scores_match_topk() -> None:
@@ -75,7 +96,7 @@ def test_continuous_scores_match_topk() -> None:
     torch.manual_seed(0)
     scores = [torch.rand(50, 7), torch.rand(300), torch.rand(3, 4, 5)]
     k = 123
-    chosen = select_smallest([lambda s=s: s for s in scores], [None] * 3, k)
+    chosen = select_smallest([ElementwiseScores(s) for s in scores], [None] * 3, k)
     flat = torch.cat([s.reshape(-1) for s in scores])
     expected = torch.zeros_like(flat, dtype=torch.bool)
     expected[torch.topk(flat, k, largest=False).indices] = True
@@ -85,7 +106,7 @@ def test_continuous_scores_match_topk() -> None:
 def test_float64_scores_are_not_rounded_to_float32() -> None:
     """Two scores equal in float32 but different in float64 are ordered by their float64 values."""
     a = torch.tensor([1.0 + 2**-40, 1.0], dtype=torch.float64)
-    chosen = select_smallest([lambda: a], [None], 1, torch.float64)
+    chosen = select_smallest([ElementwiseScores(a)], [None], 1, torch.float64)
     assert chosen[0].tolist() == [False, True]
     assert common_dtype([torch.float16, torch.float64]) == torch.float64
     assert common_dtype([torch.bfloat16, torch.float32]) == torch.float32
@@ -93,12 +114,12 @@ def test_float64_scores_are_not_rounded_to_float32() -> None:
 
 def test_invalid_requests_raise() -> None:
     """k beyond the candidates, a negative k, mismatched lists and unsupported dtypes are refused."""
-    s = torch.rand(4)
+    s = [ElementwiseScores(torch.rand(4))]
     with pytest.raises(PruningValueError, match="k=5"):
-        select_smallest([lambda: s], [None], 5)
-    with pytest.raises(PruningValueError, match="non-negative"):
-        select_smallest([lambda: s], [None], -1)
+        select_smallest(s, [None], 5)
+    with pytest.raises(PruningValueError, match="k=-1"):
+        select_smallest(s, [None], -1)
     with pytest.raises(PruningValueError, match="2 candidate"):
-        select_smallest([lambda: s], [None, None], 1)
+        select_smallest(s, [None, None], 1)
     with pytest.raises(PruningValueError, match="float16"):
-        select_smallest([lambda: s], [None], 1, torch.float16)
+        select_smallest(s, [None], 1, torch.float16)

@@ -15,7 +15,7 @@ from torch import nn
 
 from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
 from masksparse.prune import methods as _m
-from masksparse.prune.select import common_dtype, select_smallest
+from masksparse.prune.select import ElementwiseScores, RandomScores, Scores, common_dtype, select_smallest
 
 Parameters = Iterable[tuple[nn.Module, str]]
 
@@ -247,25 +247,20 @@ def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
     return targets
 
 
-def _score_functions(method: _m.TorchMethod, targets: list[_Target]) -> list[Any]:
-    """Per-tensor score callables for the methods that rank entries one by one, else None."""
+def _score_sources(method: _m.TorchMethod, targets: list[_Target]) -> list[Scores]:
+    """Per-tensor scores for the methods that rank entries one by one; empty for any other method."""
     if isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
-        return [
-            lambda t=t: (t.tensor if t.importance is None else t.importance).detach().abs() for t in targets
-        ]
+        return [ElementwiseScores(t.tensor if t.importance is None else t.importance) for t in targets]
     if isinstance(method, (_m.RandomUnstructured, torch_prune.RandomUnstructured)):
         # One seed per tensor drawn from the global generator, so every pass regenerates the same scores.
         seeds = torch.randint(0, 2**62, (len(targets),)).tolist()
-        return [
-            lambda t=t, s=s: torch.rand(t.tensor.shape, generator=torch.Generator().manual_seed(s))
-            for t, s in zip(targets, seeds)
-        ]
+        return [RandomScores(tuple(t.tensor.shape), seed) for t, seed in zip(targets, seeds)]
     return []
 
 
 def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
     """The global masks, each target's mask after pruning, with exactly torch's number of entries pruned."""
-    scores = _score_functions(method, targets)
+    scores = _score_sources(method, targets)
     if not scores:
         return _new_masks_concatenated(method, targets)
     count = _m.count_to_prune(method.amount, sum(t.remaining for t in targets))

@@ -442,8 +442,8 @@ class CustomFromMask(BasePruningMethod):
         >>> import torch
         >>> from masksparse import prune
         >>> layer = prune.custom_from_mask(torch.nn.Linear(2, 1), "bias", mask=torch.tensor([0]))
-        >>> layer.bias_mask, float(layer.bias.abs().sum())
-        (tensor([False]), 0.0)
+        >>> layer.bias_mask, bool(layer.bias == 0)
+        (tensor([False]), True)
     """
 
     PRUNING_TYPE = "global"

@@ -1,16 +1,23 @@
 """Exact selection of the k smallest scores spread over many tensors, without concatenating them.
 
 ``torch.nn.utils.prune.global_unstructured`` concatenates every score and runs ``topk`` over the result,
-which costs several times the model's size in memory. Here the k-th smallest score is found by a radix
-select on the scores' bit patterns: non-negative floats order like their bits read as integers, so a
-histogram of the top 16 bits (one pass over the tensors, one tensor at a time) finds the bucket holding
-the k-th value, the next 16 bits narrow it to the exact value, and a last pass marks the entries below it
-plus the first ties in order. Peak extra memory is a few temporaries the size of the largest tensor.
+which costs several times the model's size in memory. Here non-negative scores are compared through their
+bit patterns (non-negative floats order like their bits read as integers), one tensor at a time:
+
+1. A strided sample of the scores brackets the k-th smallest value between two sample quantiles.
+2. One pass over the tensors marks every candidate below the bracket and gathers the few inside it; the
+   bracket is checked (k must fall inside it) and the missing entries are the smallest gathered ones.
+3. Should the check fail (a sample that misleads, or too many ties inside the bracket), a radix select
+   finds the k-th value's bucket exactly from histograms of 16-bit digits, and step 2 runs on it.
+
+Peak extra memory is a few temporaries the size of the largest tensor, plus the bracket's members.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +25,66 @@ from masksparse._errors import PruningValueError
 
 _DIGIT_BITS = 16
 _INT_VIEW = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
+# Brackets holding more candidates than this are not gathered; the radix select narrows them first.
+_GATHER_LIMIT = 1 << 22
+# About this many sampled scores choose the bracket.
+_SAMPLE_SIZE = 1 << 18
 
-Scores = Callable[[], torch.Tensor]
+
+@dataclass(frozen=True)
+class ElementwiseScores:
+    """Scores computed entry by entry from a tensor (``key(tensor)``), so a strided sample is cheap.
+
+    Example:
+        >>> import torch
+        >>> ElementwiseScores(torch.tensor([-3.0, 1.0, -2.0])).strided(2)
+        tensor([3., 2.])
+    """
+
+    tensor: torch.Tensor
+    key: Callable[[torch.Tensor], torch.Tensor] = torch.abs
+
+    def numel(self) -> int:
+        """The number of scores."""
+        return self.tensor.numel()
+
+    def full(self) -> torch.Tensor:
+        """Every score, in the tensor's shape."""
+        return self.key(self.tensor.detach())
+
+    def strided(self, step: int) -> torch.Tensor:
+        """The scores of every ``step``-th entry in flat order."""
+        return self.key(self.tensor.detach().reshape(-1)[::step])
+
+
+@dataclass(frozen=True)
+class RandomScores:
+    """Uniform random scores in [0, 1), regenerated identically from ``seed`` on every pass.
+
+    Example:
+        >>> import torch
+        >>> scores = RandomScores((2, 3), seed=7)
+        >>> torch.equal(scores.full(), scores.full())
+        True
+    """
+
+    shape: tuple[int, ...]
+    seed: int
+
+    def numel(self) -> int:
+        """The number of scores."""
+        return math.prod(self.shape)
+
+    def full(self) -> torch.Tensor:
+        """Every score, in ``shape``."""
+        return torch.rand(self.shape, generator=torch.Generator().manual_seed(self.seed))
+
+    def strided(self, step: int) -> torch.Tensor:
+        """The scores of every ``step``-th entry in flat order."""
+        return self.full().reshape(-1)[::step]
+
+
+Scores = ElementwiseScores | RandomScores
 
 
 def common_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -32,42 +97,121 @@ def _bits(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scores.to(dtype).contiguous().view(_INT_VIEW[dtype][0]).reshape(-1)
 
 
-# Buckets up to this many candidates are finished by sorting their members instead of another pass.
-_GATHER_LIMIT = 1 << 22
+def _flat(allowed: torch.Tensor | None) -> torch.Tensor | None:
+    return None if allowed is None else allowed.reshape(-1)
+
+
+def _sample_bracket(
+    scores: Sequence[Scores],
+    candidates: Sequence[torch.Tensor | None],
+    k: int,
+    total: int,
+    dtype: torch.dtype,
+) -> tuple[int, int]:
+    """Bit bounds ``[lo, hi)`` that very likely hold the k-th smallest candidate score."""
+    everything = (0, 1 << _INT_VIEW[dtype][1])
+    if total <= _GATHER_LIMIT:
+        return everything
+    step = max(1, total // _SAMPLE_SIZE)
+    pieces = []
+    for source, allowed in zip(scores, candidates):
+        bits = _bits(source.strided(step), dtype)
+        flat = _flat(allowed)
+        pieces.append(bits if flat is None else bits[flat[::step]])
+    sample = torch.sort(torch.cat(pieces)).values
+    if sample.numel() == 0:
+        return everything
+    # Four binomial standard deviations around the k-th value's expected position in the sample.
+    q = k / total
+    centre, margin = q * sample.numel(), 4 * math.sqrt(sample.numel() * q * (1 - q)) + 16
+    low, high = math.floor(centre - margin), math.ceil(centre + margin)
+    lo = int(sample[low]) if low > 0 else everything[0]
+    hi = int(sample[high]) + 1 if high < sample.numel() else everything[1]
+    return lo, hi
 
 
 def _narrow(
     scores: Sequence[Scores], candidates: Sequence[torch.Tensor | None], k: int, dtype: torch.dtype
-) -> tuple[int, int, int]:
-    """Find the bucket of bit patterns that holds the k-th smallest candidate score.
+) -> tuple[int, int]:
+    """Exact bit bounds ``[lo, hi)`` of the k-th value's bucket: small, or a single value.
 
-    Returns ``(prefix, shift, rank)``: the k-th value's bits shifted right by ``shift`` equal ``prefix``,
-    and it is the ``rank``-th smallest candidate inside that bucket. Usually one histogram pass suffices.
+    Each pass histograms the next 16-bit digit of the scores inside the current bucket.
     """
     shift, prefix, rank, size = _INT_VIEW[dtype][1], 0, k, None
     while shift > 0 and (size is None or size > _GATHER_LIMIT):
         step = min(_DIGIT_BITS, shift)
         hist = torch.zeros((1 << step) + 1, dtype=torch.int64)
-        for get, allowed in zip(scores, candidates):
-            bits = _bits(get(), dtype)
+        for source, allowed in zip(scores, candidates):
+            bits, flat = _bits(source.full(), dtype), _flat(allowed)
             if size is None:  # first pass: every candidate; non-candidates go to the spare last bin
                 digits = bits >> (shift - step)
-                if allowed is not None:
-                    digits = torch.where(allowed.reshape(-1), digits, 1 << step)
+                if flat is not None:
+                    digits = torch.where(flat, digits, 1 << step)
             else:
                 inside = (bits >> shift) == prefix
-                if allowed is not None:
-                    inside &= allowed.reshape(-1)
+                if flat is not None:
+                    inside &= flat
                 digits = (bits[inside] >> (shift - step)) & ((1 << step) - 1)
             hist += torch.bincount(digits, minlength=(1 << step) + 1)
         cumulative = hist[:-1].cumsum(0)
-        if size is None and k > int(cumulative[-1]):
-            raise PruningValueError(f"cannot select k={k} entries out of {int(cumulative[-1])} candidates")
         digit = int(torch.searchsorted(cumulative, rank))
         rank -= int(cumulative[digit - 1]) if digit else 0
         size = int(hist[digit])
         prefix, shift = (prefix << step) | digit, shift - step
-    return prefix, shift, rank
+    return prefix << shift, (prefix + 1) << shift
+
+
+def _in_range(bits: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """``lo <= bits < hi`` with one subtraction and one comparison.
+
+    The unsigned test ``(bits - lo) mod 2**w < hi - lo`` is done in signed arithmetic by shifting both
+    sides down by ``2**(w-1)`` (w the integer width), which keeps their order; the subtraction wraps.
+    """
+    half = 1 << (_INT_VIEW[dtype][1])
+    return (bits - (lo - half)) < (hi - lo - half)
+
+
+def _select_in_bracket(
+    scores: Sequence[Scores],
+    candidates: Sequence[torch.Tensor | None],
+    k: int,
+    dtype: torch.dtype,
+    bracket: tuple[int, int],
+) -> list[torch.Tensor] | None:
+    """Choose everything below the bracket plus the smallest members inside it; None if k is not inside."""
+    lo, hi = bracket
+    single_value = hi - lo == 1  # all members tie: only the first ones in order can be needed
+    chosen, members = [], []
+    below_total = gathered = 0
+    for source, allowed in zip(scores, candidates):
+        raw = source.full()
+        bits, flat = _bits(raw, dtype), _flat(allowed)
+        below = bits < lo
+        inside = _in_range(bits, lo, hi, dtype)
+        if flat is not None:
+            below &= flat
+            inside &= flat
+        below_total += int(torch.count_nonzero(below))
+        if below_total > k:
+            return None
+        index = inside.nonzero().squeeze(1)
+        if single_value:
+            index = index[: max(k - below_total - gathered, 0)]
+        gathered += index.numel()
+        if gathered > _GATHER_LIMIT and not single_value:
+            return None
+        chosen.append(below.view(raw.shape))
+        members.append((index, bits[index]))
+    rank = k - below_total
+    if rank > gathered:
+        return None
+    # The rank smallest members; ties in tensor order, then index order (a stable sort keeps it).
+    order = torch.sort(torch.cat([b for _, b in members]), stable=True).indices[:rank]
+    owner = torch.cat([torch.full_like(index, i) for i, (index, _) in enumerate(members)])[order]
+    flat_index = torch.cat([index for index, _ in members])[order]
+    for i, mask in enumerate(chosen):
+        mask.view(-1)[flat_index[owner == i]] = True
+    return chosen
 
 
 def select_smallest(
@@ -79,8 +223,8 @@ def select_smallest(
     """Mark the ``k`` smallest candidate scores across several tensors.
 
     Args:
-        scores: one callable per tensor returning its scores (non-negative floats, any shape); each is
-            called once per pass, so no score tensor is kept alive between passes.
+        scores: one score source per tensor (:class:`ElementwiseScores` or :class:`RandomScores`) giving
+            non-negative floats; scores are recomputed on each pass, so none is kept alive between passes.
         candidates: one bool tensor per score tensor (same shape), True where an entry may be chosen,
             or None where every entry may.
         k: how many entries to choose, at most the number of candidates.
@@ -92,8 +236,9 @@ def select_smallest(
 
     Example:
         >>> import torch
-        >>> a, b = torch.tensor([0.5, 0.1, 0.9]), torch.tensor([[0.3, 0.2]])
-        >>> chosen = select_smallest([lambda: a, lambda: b], [None, torch.tensor([[True, True]])], k=3)
+        >>> a, b = torch.tensor([0.5, -0.1, 0.9]), torch.tensor([[0.3, -0.2]])
+        >>> sources = [ElementwiseScores(a), ElementwiseScores(b)]
+        >>> chosen = select_smallest(sources, [None, torch.tensor([[True, True]])], k=3)
         >>> [c.tolist() for c in chosen]
         [[False, True, False], [[True, True]]]
     """
@@ -101,28 +246,14 @@ def select_smallest(
         raise PruningValueError(f"got {len(scores)} score tensors but {len(candidates)} candidate masks")
     if dtype not in _INT_VIEW:
         raise PruningValueError(f"scores compare in float32 or float64, not {dtype}")
-    if k < 0:
-        raise PruningValueError(f"cannot select k={k} entries: k must be non-negative")
-    if k == 0:
-        return [torch.zeros(get().shape, dtype=torch.bool) for get in scores]
-    prefix, shift, rank = _narrow(scores, candidates, k, dtype)
-    chosen: list[torch.Tensor] = []
-    bucket: list[tuple[torch.Tensor, torch.Tensor]] = []  # per tensor: flat indices and bits in the bucket
-    for get, allowed in zip(scores, candidates):
-        raw = get()
-        bits = _bits(raw, dtype)
-        below, inside = bits < (prefix << shift), bits < ((prefix + 1) << shift)
-        inside ^= below  # below is a subset of the values under the bucket's upper end
-        if allowed is not None:
-            below &= allowed.reshape(-1)
-            inside &= allowed.reshape(-1)
-        members = inside.nonzero().squeeze(1)
-        chosen.append(below.view(raw.shape))
-        bucket.append((members, bits[members]))
-    # The rank smallest bucket members, ties in tensor order then index order (a stable sort keeps it).
-    order = torch.sort(torch.cat([b for _, b in bucket]), stable=True).indices[:rank]
-    owner = torch.cat([torch.full_like(m, i) for i, (m, _) in enumerate(bucket)])[order]
-    flat = torch.cat([m for m, _ in bucket])[order]
-    for i, mask in enumerate(chosen):
-        mask.view(-1)[flat[owner == i]] = True
+    total = sum(s.numel() if c is None else int(c.sum()) for s, c in zip(scores, candidates))
+    if not 0 <= k <= total:
+        raise PruningValueError(f"cannot select k={k} entries out of {total} candidates")
+    chosen = _select_in_bracket(
+        scores, candidates, k, dtype, _sample_bracket(scores, candidates, k, total, dtype)
+    )
+    if chosen is None:
+        chosen = _select_in_bracket(scores, candidates, k, dtype, _narrow(scores, candidates, k, dtype))
+    if chosen is None:  # the radix bracket always holds the k-th value
+        raise AssertionError("internal error: the exact bracket did not hold the k-th smallest score")
     return chosen
