@@ -7,7 +7,7 @@ and ``module.<name>`` is computed from ``<name>_orig`` and ``<name>_mask`` whene
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -263,7 +263,8 @@ def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Ten
     scores = _score_sources(method, targets)
     if not scores:
         return _new_masks_concatenated(method, targets)
-    count = _m.count_to_prune(method.amount, sum(t.remaining for t in targets))
+    # Only L1Unstructured and RandomUnstructured (ours or torch's) get here; both have an amount.
+    count = _m.count_to_prune(cast(Any, method).amount, sum(t.remaining for t in targets))
     dtype = common_dtype([t.tensor.dtype if t.importance is None else t.importance.dtype for t in targets])
     chosen = select_smallest(scores, [t.candidates for t in targets], count, dtype)
     return [c.logical_not_() if t.candidates is None else t.candidates & ~c for c, t in zip(chosen, targets)]
