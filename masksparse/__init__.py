@@ -8,6 +8,7 @@ reports print as tables.
 from masksparse import prune
 from masksparse._errors import (
     MaskSparseError,
+    MissingDependencyError,
     PruningAttributeError,
     PruningIndexError,
     PruningTypeError,
@@ -17,11 +18,13 @@ from masksparse._errors import (
 )
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
+from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MaskSparseError",
+    "MissingDependencyError",
     "PruningAttributeError",
     "PruningIndexError",
     "PruningTypeError",
@@ -32,7 +35,10 @@ __all__ = [
     "SparsityReport",
     "StateDictError",
     "__version__",
+    "load_state_dict",
     "prune",
+    "read_state_dict",
     "remove_all",
+    "save_state_dict",
     "sparsity_report",
 ]

@@ -38,3 +38,7 @@ class ShapeMismatchError(MaskSparseError, ValueError, AssertionError):
 
 class StateDictError(MaskSparseError, RuntimeError):
     """A state_dict does not fit the model it is loaded into (``load_state_dict`` raises RuntimeError)."""
+
+
+class MissingDependencyError(MaskSparseError, ImportError):
+    """An optional dependency (safetensors, scikit-learn, ...) is needed and not installed."""

@@ -8,98 +8,22 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
-
-import torch
-from torch import Tensor
 
 from masksparse import __version__
-from masksparse._errors import MaskSparseError, StateDictError
+from masksparse._errors import MaskSparseError
 from masksparse.report import sparsity_report
+from masksparse.serialization import read_state_dict
 
 __all__ = ["main"]
 
 _USAGE_ERROR = 2
-# Entries under which training checkpoints commonly keep the model's state_dict.
-_NESTED_KEYS = ("state_dict", "model")
-
-
-def _is_state_dict(obj: object) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and all(isinstance(key, str) for key in obj)
-        and any(isinstance(value, Tensor) for value in obj.values())
-    )
-
-
-def _describe(obj: object) -> str:
-    if isinstance(obj, Mapping):
-        keys = [repr(key) for key in list(obj)[:5]]
-        listed = ", ".join(keys) + (", ..." if len(obj) > 5 else "")
-        return f"a {type(obj).__name__} without tensors (keys: {listed or 'none'})"
-    return f"a {type(obj).__name__}"
-
-
-def _find_state_dict(obj: object, path: Path) -> Mapping[str, Tensor]:
-    if isinstance(obj, Mapping):
-        for key in _NESTED_KEYS:
-            if _is_state_dict(obj.get(key)):
-                nested: Mapping[str, Tensor] = obj[key]
-                return nested
-    if _is_state_dict(obj):
-        return cast("Mapping[str, Tensor]", obj)
-    raise StateDictError(
-        f"{path} holds {_describe(obj)}, not a state_dict: expected a mapping from names to tensors, "
-        f"or a dict with a {' or '.join(repr(k) for k in _NESTED_KEYS)} entry that is one"
-    )
-
-
-def _load_safetensors(path: Path) -> Any:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise StateDictError(
-            f"reading {path} needs the safetensors package: pip install safetensors"
-        ) from None
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError, not exported stably
-        raise StateDictError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def _load_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch.save writes a zip archive; an archive that weights_only refuses holds pickled objects.
-        if not zipfile.is_zipfile(path):
-            raise StateDictError(f"{path} is not a PyTorch checkpoint (torch.load cannot read it)") from None
-        raise StateDictError(
-            f"{path} holds Python objects besides tensors (a whole pickled model?), which are not loaded "
-            "because unpickling them can run arbitrary code; save model.state_dict() instead"
-        ) from None
-    except Exception as exc:  # a corrupt file surfaces as KeyError, RuntimeError, EOFError, ...
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StateDictError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {detail})") from None
-
-
-def _load_checkpoint(path: Path) -> Mapping[str, Tensor]:
-    """Read the state_dict saved in ``path``; ``.safetensors`` by name, anything else with torch.load."""
-    if not path.exists():
-        raise StateDictError(f"{path}: no such file")
-    if not path.is_file():
-        raise StateDictError(f"{path} is not a file")
-    loaded = _load_safetensors(path) if path.suffix.lower() == ".safetensors" else _load_torch(path)
-    return _find_state_dict(loaded, path)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    report = sparsity_report(_load_checkpoint(args.checkpoint))
+    report = sparsity_report(read_state_dict(args.checkpoint))
     print(report.to_markdown() if args.format == "markdown" else str(report))
     return 0
 

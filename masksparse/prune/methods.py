@@ -45,6 +45,11 @@ def accepts_bool_masks(method: TorchMethod) -> bool:
     return getattr(type(method).compute_mask, "_masksparse_bool_safe", False)
 
 
+def is_binary(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is 0 or 1 (so it can be stored as bool without loss)."""
+    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+
+
 def validate_amount(amount: Any) -> None:
     """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction)."""
     if not isinstance(amount, numbers.Real):
@@ -457,6 +462,8 @@ class CustomFromMask(BasePruningMethod):
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Return ``default_mask * mask``."""
         _check_same_shape("mask", self.mask, "the pruned tensor", default_mask)
+        if default_mask.dtype == torch.bool and not is_binary(self.mask):
+            default_mask = default_mask.to(dtype=t.dtype)  # a soft mask keeps its values, as in torch
         return default_mask * self.mask.to(dtype=default_mask.dtype)
 
 
@@ -537,10 +544,8 @@ def _as_stored_mask(
     _check_same_shape(
         f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, f"{name}", orig
     )
-    if mask.dtype == torch.bool:
-        return mask.to(device=orig.device)
-    if bool(((mask == 0) | (mask == 1)).all()):
-        return (mask != 0).to(device=orig.device)
+    if is_binary(mask):
+        return (mask if mask.dtype == torch.bool else mask != 0).to(device=orig.device)
     return mask.to(dtype=orig.dtype, device=orig.device)
 
 
