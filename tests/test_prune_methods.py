@@ -56,6 +56,8 @@ def test_binary_masks_are_bool_and_soft_masks_keep_the_weight_dtype() -> None:
     Soft.apply(soft, "weight")
     assert soft.weight_mask.dtype == torch.float64
     assert torch.equal(soft.weight, soft.weight_orig * 0.5)
+    scaled = prune.custom_from_mask(nn.Linear(2, 2), "bias", mask=torch.tensor([0.5, 2.0]))
+    assert scaled.bias_mask.tolist() == [0.5, 2.0] and scaled.bias_mask.dtype == torch.float32
 
 
 def test_overridden_compute_mask_gets_float_masks() -> None:
