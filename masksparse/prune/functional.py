@@ -163,7 +163,7 @@ def remove(module: nn.Module, name: str) -> nn.Module:
 
 
 def remove_all(model: nn.Module) -> nn.Module:
-    """Make every pruned tensor of ``model`` permanent (see :func:`remove`); return ``model``.
+    """Make every pruned tensor of ``model`` permanent, as :func:`masksparse.prune.remove` does.
 
     Afterwards the state_dict has plain keys and loads into a fresh, unpruned model.
 

@@ -282,7 +282,29 @@ class Identity(BasePruningMethod):
         return default_mask
 
 
-class RandomUnstructured(BasePruningMethod):
+class _Unstructured(BasePruningMethod):
+    """An unstructured method whose only option is ``amount``; subclasses choose which entries go."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float) -> None:
+        validate_amount(amount)
+        self.amount = amount
+
+    def _entries_to_prune(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @_bool_safe
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero ``amount`` entries of ``default_mask``, as chosen by the method."""
+        count = count_to_prune(self.amount, t.nelement())
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if count != 0:
+            mask.view(-1)[self._entries_to_prune(t, count)] = 0
+        return mask
+
+
+class RandomUnstructured(_Unstructured):
     """Prune ``amount`` entries chosen uniformly at random.
 
     Args:
@@ -296,24 +318,11 @@ class RandomUnstructured(BasePruningMethod):
         30
     """
 
-    PRUNING_TYPE = "unstructured"
-
-    def __init__(self, amount: float) -> None:
-        validate_amount(amount)
-        self.amount = amount
-
-    @_bool_safe
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Zero ``amount`` random entries of ``default_mask``."""
-        count = count_to_prune(self.amount, t.nelement())
-        mask = default_mask.clone(memory_format=torch.contiguous_format)
-        if count != 0:
-            prob = torch.rand_like(t)
-            mask.view(-1)[torch.topk(prob.view(-1), k=count).indices] = 0
-        return mask
+    def _entries_to_prune(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.topk(torch.rand_like(t).view(-1), k=count).indices
 
 
-class L1Unstructured(BasePruningMethod):
+class L1Unstructured(_Unstructured):
     """Prune the ``amount`` entries of smallest absolute value.
 
     Args:
@@ -331,23 +340,36 @@ class L1Unstructured(BasePruningMethod):
                 [ True, False]])
     """
 
-    PRUNING_TYPE = "unstructured"
+    def _entries_to_prune(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.topk(torch.abs(t).view(-1), k=count, largest=False).indices
 
-    def __init__(self, amount: float) -> None:
+
+class _Structured(BasePruningMethod):
+    """A structured method: ``amount`` whole channels along ``dim`` go; subclasses choose which stay."""
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float, dim: int = -1) -> None:
         validate_amount(amount)
         self.amount = amount
+        self.dim = dim
 
-    @_bool_safe
+    def _channels_to_keep(self, t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Zero the ``amount`` smallest ``|t|`` in ``default_mask``."""
-        count = count_to_prune(self.amount, t.nelement())
-        mask = default_mask.clone(memory_format=torch.contiguous_format)
-        if count != 0:
-            mask.view(-1)[torch.topk(torch.abs(t).view(-1), k=count, largest=False).indices] = 0
+        """Zero ``amount`` channels along ``dim`` of ``default_mask``, as chosen by the method."""
+        _require_structured(t)
+        dim = _normalise_dim(t, self.dim)
+        count = count_to_prune(self.amount, t.shape[dim])
+        if count == 0:
+            return default_mask
+        mask = _channel_mask(t, dim, self._channels_to_keep(t, dim, count))
+        mask *= default_mask.to(dtype=mask.dtype)
         return mask
 
 
-class RandomStructured(BasePruningMethod):
+class RandomStructured(_Structured):
     """Prune ``amount`` whole channels along ``dim``, chosen at random.
 
     Args:
@@ -362,26 +384,9 @@ class RandomStructured(BasePruningMethod):
         2
     """
 
-    PRUNING_TYPE = "structured"
-
-    def __init__(self, amount: float, dim: int = -1) -> None:
-        validate_amount(amount)
-        self.amount = amount
-        self.dim = dim
-
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Zero ``amount`` random channels along ``dim`` of ``default_mask``."""
-        _require_structured(t)
-        dim = _normalise_dim(t, self.dim)
-        channels = t.shape[dim]
-        count = count_to_prune(self.amount, channels)
-        if count == 0:
-            return default_mask
-        prob = torch.rand(channels)
-        threshold = torch.kthvalue(prob, k=count).values
-        mask = _channel_mask(t, dim, prob > threshold)
-        mask *= default_mask.to(dtype=mask.dtype)
-        return mask
+    def _channels_to_keep(self, t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+        prob = torch.rand(t.shape[dim])
+        return prob > torch.kthvalue(prob, k=count).values
 
 
 def _validate_norm(n: Any) -> None:
@@ -398,7 +403,7 @@ def channel_norms(t: torch.Tensor, n: Any, dim: int) -> torch.Tensor:
     return torch.linalg.vector_norm(t, ord=2 if n == "fro" else n, dim=dims)
 
 
-class LnStructured(BasePruningMethod):
+class LnStructured(_Structured):
     """Prune the ``amount`` channels along ``dim`` with the smallest ``n``-norm.
 
     Args:
@@ -414,27 +419,13 @@ class LnStructured(BasePruningMethod):
         4
     """
 
-    PRUNING_TYPE = "structured"
-
     def __init__(self, amount: float, n: Any, dim: int = -1) -> None:
-        validate_amount(amount)
+        super().__init__(amount, dim)
         _validate_norm(n)
-        self.amount = amount
         self.n = n
-        self.dim = dim
 
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Keep the channels of largest norm, within ``default_mask``."""
-        _require_structured(t)
-        dim = _normalise_dim(t, self.dim)
-        channels = t.shape[dim]
-        count = count_to_prune(self.amount, channels)
-        if count == 0:
-            return default_mask
-        keep = torch.topk(channel_norms(t, self.n, dim), k=channels - count, largest=True).indices
-        mask = _channel_mask(t, dim, keep)
-        mask *= default_mask.to(dtype=mask.dtype)
-        return mask
+    def _channels_to_keep(self, t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+        return torch.topk(channel_norms(t, self.n, dim), k=t.shape[dim] - count, largest=True).indices
 
 
 class CustomFromMask(BasePruningMethod):
