@@ -14,6 +14,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
+from masksparse.prune import _apply
 from masksparse.prune import methods as _m
 from masksparse.prune.select import ElementwiseScores, RandomScores, Scores, common_dtype, select_smallest
 
@@ -150,7 +151,7 @@ def remove(module: nn.Module, name: str) -> nn.Module:
         >>> [name for name, _ in layer.named_parameters()], int((layer.weight == 0).sum())
         (['bias', 'weight'], 2)
     """
-    found = _m._hook_for(module, name)
+    found = _apply.hook_for(module, name)
     if found is None:
         raise PruningValueError(
             f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
@@ -208,17 +209,17 @@ class _Target:
                 f"global_unstructured(): expected (module, name) pairs, got ({module!r}, {name!r})"
             )
         self.module, self.name = module, name
-        if _m._hook_for(module, name) is not None:
+        if _apply.hook_for(module, name) is not None:
             self.tensor = getattr(module, name + "_orig")
             stored = getattr(module, name + "_mask")
             self.candidates: torch.Tensor | None = stored if stored.dtype == torch.bool else stored != 0
         else:
             tensor = module._parameters.get(name)
             if not isinstance(tensor, nn.Parameter):
-                raise PruningAttributeError(_m._not_prunable(module, name))
+                raise PruningAttributeError(_apply.not_prunable(module, name))
             self.tensor, self.candidates = tensor, None
         if scores is not None:
-            _m._check_same_shape(
+            _m.check_same_shape(
                 f"importance_scores for {type(module).__name__}.{name}", scores, name, self.tensor
             )
         self.importance = scores
@@ -325,6 +326,6 @@ def global_unstructured(
         masks = _new_masks(method, targets)
     for target, mask in zip(targets, masks):
         applied = _m.CustomFromMask(mask)
-        _m.apply_method(applied, target.module, target.name)
+        _apply.apply_method(applied, target.module, target.name)
         # Point the hook at the stored buffer rather than keeping a second copy of the mask alive.
         applied.mask = getattr(target.module, target.name + "_mask")

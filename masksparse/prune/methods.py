@@ -17,7 +17,6 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from masksparse._errors import (
-    PruningAttributeError,
     PruningIndexError,
     PruningTypeError,
     PruningValueError,
@@ -147,6 +146,8 @@ class BasePruningMethod(TorchMethod):
 
         On any error the module is left exactly as it was.
         """
+        from masksparse.prune._apply import apply_method  # it builds on the classes of this module
+
         return apply_method(cls(*args, **kwargs), module, name, importance_scores)
 
     def prune(
@@ -157,7 +158,7 @@ class BasePruningMethod(TorchMethod):
     ) -> torch.Tensor:
         """Return ``t`` with this method's mask applied, without touching any module."""
         scores = t if importance_scores is None else importance_scores
-        _check_same_shape("importance_scores", scores, "the tensor t", t)
+        check_same_shape("importance_scores", scores, "the tensor t", t)
         mask = torch.ones_like(t) if default_mask is None else default_mask
         return t * self.compute_mask(scores, default_mask=mask)
 
@@ -166,7 +167,7 @@ class BasePruningMethod(TorchMethod):
         _reparam.uninstall(module, self._tensor_name)
 
 
-def _check_same_shape(what: str, t: torch.Tensor, against: str, ref: torch.Tensor) -> None:
+def check_same_shape(what: str, t: torch.Tensor, against: str, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
         raise ShapeMismatchError(
             f"{what} should have the same shape as {against}: "
@@ -452,7 +453,7 @@ class CustomFromMask(BasePruningMethod):
     @_bool_safe
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Return ``default_mask * mask``."""
-        _check_same_shape("mask", self.mask, "the pruned tensor", default_mask)
+        check_same_shape("mask", self.mask, "the pruned tensor", default_mask)
         if default_mask.dtype == torch.bool and not is_binary(self.mask):
             default_mask = default_mask.to(dtype=t.dtype)  # a soft mask keeps its values, as in torch
         return default_mask * self.mask.to(dtype=default_mask.dtype)
@@ -509,97 +510,3 @@ class NMStructured(BasePruningMethod):
             keep.scatter_(1, torch.topk(scores, self.m - self.n, dim=1, largest=False).indices, False)
         keep = keep.reshape(moved.shape).movedim(-1, dim)
         return default_mask * keep.to(dtype=default_mask.dtype)
-
-
-def _hook_for(module: nn.Module, name: str) -> tuple[Any, TorchMethod] | None:
-    found = [
-        (k, h)
-        for k, h in module._forward_pre_hooks.items()
-        if isinstance(h, TorchMethod) and h._tensor_name == name
-    ]
-    if len(found) > 1:
-        raise PruningValueError(
-            f"{type(module).__name__} has {len(found)} pruning hooks for {name!r}; expected at most one"
-        )
-    return found[0] if found else None
-
-
-def _as_stored_mask(
-    mask: torch.Tensor, orig: torch.Tensor, module: nn.Module, name: str, method: Any
-) -> torch.Tensor:
-    """Validate a computed mask and store it as bool when it is binary, else in ``orig``'s dtype."""
-    if not isinstance(mask, torch.Tensor):
-        raise PruningTypeError(
-            f"{type(method).__name__}.compute_mask returned {type(mask).__name__}, not a tensor"
-        )
-    _check_same_shape(
-        f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, f"{name}", orig
-    )
-    if is_binary(mask):
-        return (mask if mask.dtype == torch.bool else mask != 0).to(device=orig.device)
-    return mask.to(dtype=orig.dtype, device=orig.device)
-
-
-def apply_method(
-    method: TorchMethod, module: nn.Module, name: str, importance_scores: torch.Tensor | None = None
-) -> TorchMethod:
-    """Prune ``module.<name>`` with an already constructed ``method``; return the hook now installed.
-
-    Everything that can fail (a missing tensor, mismatched shapes, ``compute_mask`` itself) happens
-    before the module is touched, so a failed call leaves it exactly as it was.
-    """
-    if not isinstance(method, TorchMethod):
-        raise PruningTypeError(f"{type(method).__name__} is not a BasePruningMethod subclass")
-    old = _hook_for(module, name)
-    mask_dtype = torch.bool if accepts_bool_masks(method) else None
-    if old is None:
-        tensor = module._parameters.get(name)
-        if not isinstance(tensor, nn.Parameter):
-            raise PruningAttributeError(_not_prunable(module, name))
-        default_mask = torch.ones_like(tensor, dtype=mask_dtype)
-        current: torch.Tensor = tensor
-    else:
-        orig, stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
-        default_mask = (
-            stored.detach().to(dtype=mask_dtype or orig.dtype).clone(memory_format=torch.contiguous_format)
-        )
-        current = _reparam.masked_value(orig, stored)
-    scores = current if importance_scores is None else importance_scores
-    _check_same_shape(f"importance_scores for {type(module).__name__}.{name}", scores, f"{name}", current)
-
-    method._tensor_name = name
-    hook: TorchMethod = method
-    if old is not None:
-        # A new container (not the old one, mutated) so that a failure below changes nothing.
-        earlier = (
-            tuple(old[1])
-            if isinstance(old[1], (PruningContainer, torch_prune.PruningContainer))
-            else (old[1],)
-        )
-        hook = PruningContainer(*earlier, method)
-    with torch.no_grad():
-        mask = hook.compute_mask(scores, default_mask=default_mask)
-    mask = _as_stored_mask(mask, current, module, name, method)
-
-    if old is None:
-        _reparam.install(module, name, mask)
-    else:
-        del module._forward_pre_hooks[old[0]]
-        stored = module._buffers[name + "_mask"]
-        if stored is not None and stored.dtype == mask.dtype:
-            stored.copy_(mask)  # in place: the buffer keeps its identity and no stale copy is left
-        else:
-            module.register_buffer(name + "_mask", mask)
-        _reparam.adopt(module, name)
-    module.register_forward_pre_hook(hook)
-    return hook
-
-
-def _not_prunable(module: nn.Module, name: str) -> str:
-    kind = type(module).__name__
-    if name in module._parameters:
-        return f"{kind}.{name} is None: there is nothing to prune"
-    if name in module._buffers:
-        return f"{kind}.{name} is a buffer; only parameters can be pruned"
-    params = ", ".join(module._parameters) or "none"
-    return f"{kind} has no parameter named {name!r} (its parameters: {params})"

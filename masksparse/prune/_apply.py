@@ -1,0 +1,111 @@
+"""Applying a pruning method to a module: compute the mask first, then change the module.
+
+Everything that can fail (a missing tensor, mismatched shapes, ``compute_mask`` itself) happens before
+the module is touched, so a failed call leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
+from masksparse.prune import _reparam
+from masksparse.prune import methods as _m
+
+
+def hook_for(module: nn.Module, name: str) -> tuple[Any, _m.TorchMethod] | None:
+    found = [
+        (k, h)
+        for k, h in module._forward_pre_hooks.items()
+        if isinstance(h, _m.TorchMethod) and h._tensor_name == name
+    ]
+    if len(found) > 1:
+        raise PruningValueError(
+            f"{type(module).__name__} has {len(found)} pruning hooks for {name!r}; expected at most one"
+        )
+    return found[0] if found else None
+
+
+def _as_stored_mask(
+    mask: torch.Tensor, orig: torch.Tensor, module: nn.Module, name: str, method: Any
+) -> torch.Tensor:
+    """Validate a computed mask and store it as bool when it is binary, else in ``orig``'s dtype."""
+    if not isinstance(mask, torch.Tensor):
+        raise PruningTypeError(
+            f"{type(method).__name__}.compute_mask returned {type(mask).__name__}, not a tensor"
+        )
+    _m.check_same_shape(
+        f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, f"{name}", orig
+    )
+    if _m.is_binary(mask):
+        return (mask if mask.dtype == torch.bool else mask != 0).to(device=orig.device)
+    return mask.to(dtype=orig.dtype, device=orig.device)
+
+
+def apply_method(
+    method: _m.TorchMethod, module: nn.Module, name: str, importance_scores: torch.Tensor | None = None
+) -> _m.TorchMethod:
+    """Prune ``module.<name>`` with an already constructed ``method``; return the hook now installed.
+
+    Everything that can fail (a missing tensor, mismatched shapes, ``compute_mask`` itself) happens
+    before the module is touched, so a failed call leaves it exactly as it was.
+    """
+    if not isinstance(method, _m.TorchMethod):
+        raise PruningTypeError(f"{type(method).__name__} is not a BasePruningMethod subclass")
+    old = hook_for(module, name)
+    mask_dtype = torch.bool if _m.accepts_bool_masks(method) else None
+    if old is None:
+        tensor = module._parameters.get(name)
+        if not isinstance(tensor, nn.Parameter):
+            raise PruningAttributeError(not_prunable(module, name))
+        default_mask = torch.ones_like(tensor, dtype=mask_dtype)
+        current: torch.Tensor = tensor
+    else:
+        orig, stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        default_mask = (
+            stored.detach().to(dtype=mask_dtype or orig.dtype).clone(memory_format=torch.contiguous_format)
+        )
+        current = _reparam.masked_value(orig, stored)
+    scores = current if importance_scores is None else importance_scores
+    _m.check_same_shape(f"importance_scores for {type(module).__name__}.{name}", scores, f"{name}", current)
+
+    method._tensor_name = name
+    hook: _m.TorchMethod = method
+    if old is not None:
+        # A new container (not the old one, mutated) so that a failure below changes nothing.
+        earlier = (
+            tuple(old[1])
+            if isinstance(old[1], (_m.PruningContainer, torch_prune.PruningContainer))
+            else (old[1],)
+        )
+        hook = _m.PruningContainer(*earlier, method)
+    with torch.no_grad():
+        mask = hook.compute_mask(scores, default_mask=default_mask)
+    mask = _as_stored_mask(mask, current, module, name, method)
+
+    if old is None:
+        _reparam.install(module, name, mask)
+    else:
+        del module._forward_pre_hooks[old[0]]
+        stored = module._buffers[name + "_mask"]
+        if stored is not None and stored.dtype == mask.dtype:
+            stored.copy_(mask)  # in place: the buffer keeps its identity and no stale copy is left
+        else:
+            module.register_buffer(name + "_mask", mask)
+        _reparam.adopt(module, name)
+    module.register_forward_pre_hook(hook)
+    return hook
+
+
+def not_prunable(module: nn.Module, name: str) -> str:
+    kind = type(module).__name__
+    if name in module._parameters:
+        return f"{kind}.{name} is None: there is nothing to prune"
+    if name in module._buffers:
+        return f"{kind}.{name} is a buffer; only parameters can be pruned"
+    params = ", ".join(module._parameters) or "none"
+    return f"{kind} has no parameter named {name!r} (its parameters: {params})"
