@@ -82,7 +82,7 @@ def test_failures_leave_the_module_unchanged() -> None:
     before = _snapshot(model)
     cases = [
         (PruningAttributeError, "no parameter named 'weigth'", lambda: prune.identity(model[0], "weigth")),
-        (PruningAttributeError, "is a buffer", lambda: prune.identity(model[1], "running_mean")),
+        (PruningTypeError, "is a buffer", lambda: prune.identity(model[1], "running_mean")),
         (
             ShapeMismatchError,
             r"\(8, 3, 3, 3\)",
@@ -99,7 +99,7 @@ def test_failures_leave_the_module_unchanged() -> None:
             call()
         _assert_unchanged(model, before)
     no_bias = nn.Linear(3, 3, bias=False)
-    with pytest.raises(PruningAttributeError, match="Linear.bias is None"):
+    with pytest.raises(PruningTypeError, match="Linear.bias is None"):
         prune.identity(no_bias, "bias")
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masksparse import PruningValueError
 from masksparse.prune import select
-from masksparse.prune.select import ElementwiseScores, RandomScores, common_dtype, select_smallest
+from masksparse.prune.select import (
+    ElementwiseScores,
+    RandomScores,
+    RandomStream,
+    select_smallest,
+)
 
 
 @st.composite
@@ -83,43 +86,19 @@ def test_misleading_sample_falls_back_to_the_exact_bracket() -> None:
         select._GATHER_LIMIT, select._SAMPLE_SIZE = saved
 
 
-def test_random_scores_are_reproducible_and_uniform() -> None:
-    """RandomScores regenerate the same values on every pass; strided() is a view of full()."""
-    source = RandomScores((10, 10), seed=3)
-    assert torch.equal(source.full(), source.full())
-    assert torch.equal(source.strided(7), source.full().reshape(-1)[::7])
-    assert source.numel() == 100 and float(source.full().min()) >= 0 and float(source.full().max()) < 1
-
-
-def test_continuous_scores_match_topk() -> None:
-    """Without ties the selection is the set torch.topk(largest=False) returns."""
-    torch.manual_seed(0)
-    scores = [torch.rand(50, 7), torch.rand(300), torch.rand(3, 4, 5)]
-    k = 123
-    chosen = select_smallest([ElementwiseScores(s) for s in scores], [None] * 3, k)
-    flat = torch.cat([s.reshape(-1) for s in scores])
-    expected = torch.zeros_like(flat, dtype=torch.bool)
-    expected[torch.topk(flat, k, largest=False).indices] = True
-    assert torch.equal(torch.cat([c.reshape(-1) for c in chosen]), expected)
-
-
-def test_float64_scores_are_not_rounded_to_float32() -> None:
-    """Two scores equal in float32 but different in float64 are ordered by their float64 values."""
-    a = torch.tensor([1.0 + 2**-40, 1.0], dtype=torch.float64)
-    chosen = select_smallest([ElementwiseScores(a)], [None], 1, torch.float64)
-    assert chosen[0].tolist() == [False, True]
-    assert common_dtype([torch.float16, torch.float64]) == torch.float64
-    assert common_dtype([torch.bfloat16, torch.float32]) == torch.float32
-
-
-def test_invalid_requests_raise() -> None:
-    """k beyond the candidates, a negative k, mismatched lists and unsupported dtypes are refused."""
-    s = [ElementwiseScores(torch.rand(4))]
-    with pytest.raises(PruningValueError, match="k=5"):
-        select_smallest(s, [None], 5)
-    with pytest.raises(PruningValueError, match="k=-1"):
-        select_smallest(s, [None], -1)
-    with pytest.raises(PruningValueError, match="2 candidate"):
-        select_smallest(s, [None, None], 1)
-    with pytest.raises(PruningValueError, match="float16"):
-        select_smallest(s, [None], 1, torch.float16)
+def test_random_scores_replay_torch_global_generator() -> None:
+    """RandomScores redraw the same numbers on every pass: those of one torch.rand over all candidates."""
+    candidates = torch.tensor([[True, False, True], [True, True, False]])
+    torch.manual_seed(5)
+    stream = RandomStream([4, 3], torch.float32)
+    sources = [RandomScores(stream, 0, (2, 3), candidates), RandomScores(stream, 1, (3,), None)]
+    first = [source.full() for source in sources]
+    again = [source.full() for source in sources]
+    stream.finish()
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    expected = 1 - torch.rand(7)
+    assert torch.equal(first[0][candidates], expected[:4]) and torch.equal(first[1], expected[4:])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(after, torch.rand(1)), "the generator ends where one torch.rand(7) leaves it"
+    assert torch.equal(sources[0].strided(2), first[0].reshape(-1)[::2])

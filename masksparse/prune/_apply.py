@@ -33,7 +33,7 @@ def hook_for(module: nn.Module, name: str) -> tuple[Any, _m.TorchMethod] | None:
 def _as_stored_mask(
     mask: torch.Tensor, orig: torch.Tensor, module: nn.Module, name: str, method: Any
 ) -> torch.Tensor:
-    """Validate a computed mask and store it as bool when it is binary, else in ``orig``'s dtype."""
+    """Validate a computed mask; a binary one is stored as bool, any other as it is."""
     if not isinstance(mask, torch.Tensor):
         raise PruningTypeError(
             f"{type(method).__name__}.compute_mask returned {type(mask).__name__}, not a tensor"
@@ -43,7 +43,7 @@ def _as_stored_mask(
     )
     if _m.is_binary(mask):
         return (mask if mask.dtype == torch.bool else mask != 0).to(device=orig.device)
-    return mask.to(dtype=orig.dtype, device=orig.device)
+    return mask.to(device=orig.device)  # a soft mask is kept as computed, dtype included, as in torch
 
 
 def apply_method(
@@ -59,13 +59,13 @@ def apply_method(
     old = hook_for(module, name)
     mask_dtype = torch.bool if _m.accepts_bool_masks(method) else None
     if old is None:
-        tensor = module._parameters.get(name)
-        if not isinstance(tensor, nn.Parameter):
-            raise PruningAttributeError(not_prunable(module, name))
+        tensor = prunable_parameter(module, name)
         default_mask = torch.ones_like(tensor, dtype=mask_dtype)
         current: torch.Tensor = tensor
     else:
         orig, stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+        if stored.dtype != torch.bool:
+            mask_dtype = None  # a float (perhaps soft) mask stays float, as torch passes it
         default_mask = (
             stored.detach().to(dtype=mask_dtype or orig.dtype).clone(memory_format=torch.contiguous_format)
         )
@@ -101,11 +101,15 @@ def apply_method(
     return hook
 
 
-def not_prunable(module: nn.Module, name: str) -> str:
+def prunable_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """``module``'s Parameter ``name``, or the error torch's pruning would raise (a clearer message)."""
+    tensor = module._parameters.get(name)
+    if isinstance(tensor, nn.Parameter):
+        return tensor
     kind = type(module).__name__
     if name in module._parameters:
-        return f"{kind}.{name} is None: there is nothing to prune"
+        raise PruningTypeError(f"{kind}.{name} is None: there is nothing to prune")
     if name in module._buffers:
-        return f"{kind}.{name} is a buffer; only parameters can be pruned"
+        raise PruningTypeError(f"{kind}.{name} is a buffer; only parameters can be pruned")
     params = ", ".join(module._parameters) or "none"
-    return f"{kind} has no parameter named {name!r} (its parameters: {params})"
+    raise PruningAttributeError(f"{kind} has no parameter named {name!r} (its parameters: {params})")

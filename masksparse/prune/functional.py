@@ -6,6 +6,7 @@ and ``module.<name>`` is computed from ``<name>_orig`` and ``<name>_mask`` whene
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -13,10 +14,17 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
+from masksparse._errors import PruningTypeError, PruningValueError
 from masksparse.prune import _apply
 from masksparse.prune import methods as _m
-from masksparse.prune.select import ElementwiseScores, RandomScores, Scores, common_dtype, select_smallest
+from masksparse.prune.select import (
+    ElementwiseScores,
+    RandomScores,
+    RandomStream,
+    Scores,
+    common_dtype,
+    select_smallest,
+)
 
 Parameters = Iterable[tuple[nn.Module, str]]
 
@@ -209,15 +217,14 @@ class _Target:
                 f"global_unstructured(): expected (module, name) pairs, got ({module!r}, {name!r})"
             )
         self.module, self.name = module, name
+        self.stored: torch.Tensor | None = None
+        self.candidates: torch.Tensor | None = None  # None: every entry may be pruned
         if _apply.hook_for(module, name) is not None:
-            self.tensor = getattr(module, name + "_orig")
-            stored = getattr(module, name + "_mask")
-            self.candidates: torch.Tensor | None = stored if stored.dtype == torch.bool else stored != 0
+            self.tensor, self.stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
+            # As in torch, only entries whose mask is exactly 1 are still candidates.
+            self.candidates = self.stored if self.stored.dtype == torch.bool else self.stored == 1
         else:
-            tensor = module._parameters.get(name)
-            if not isinstance(tensor, nn.Parameter):
-                raise PruningAttributeError(_apply.not_prunable(module, name))
-            self.tensor, self.candidates = tensor, None
+            self.tensor = _apply.prunable_parameter(module, name)
         if scores is not None:
             _m.check_same_shape(
                 f"importance_scores for {type(module).__name__}.{name}", scores, name, self.tensor
@@ -227,6 +234,18 @@ class _Target:
     @property
     def remaining(self) -> int:
         return self.tensor.numel() if self.candidates is None else int(self.candidates.sum())
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.tensor if self.importance is None else self.importance
+
+    def mask_after(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The mask that torch's global pruning hands to ``custom_from_mask``: the old one, chosen zeroed."""
+        if self.stored is None:
+            return chosen.logical_not_()
+        if self.stored.dtype == torch.bool:
+            return self.stored & ~chosen
+        return self.stored * ~chosen
 
 
 def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
@@ -251,38 +270,38 @@ def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
 def _score_sources(method: _m.TorchMethod, targets: list[_Target]) -> list[Scores]:
     """Per-tensor scores for the methods that rank entries one by one; empty for any other method."""
     if isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
-        return [ElementwiseScores(t.tensor if t.importance is None else t.importance) for t in targets]
+        return [ElementwiseScores(t.scores) for t in targets]
     if isinstance(method, (_m.RandomUnstructured, torch_prune.RandomUnstructured)):
-        # One seed per tensor drawn from the global generator, so every pass regenerates the same scores.
-        seeds = torch.randint(0, 2**62, (len(targets),)).tolist()
-        return [RandomScores(tuple(t.tensor.shape), seed) for t, seed in zip(targets, seeds)]
+        dtype = functools.reduce(torch.promote_types, [t.scores.dtype for t in targets])
+        stream = RandomStream([t.remaining for t in targets], dtype)
+        return [RandomScores(stream, i, tuple(t.tensor.shape), t.candidates) for i, t in enumerate(targets)]
     return []
 
 
 def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
-    """The global masks, each target's mask after pruning, with exactly torch's number of entries pruned."""
+    """Each target's new mask, with exactly as many entries pruned as torch prunes."""
     scores = _score_sources(method, targets)
     if not scores:
         return _new_masks_concatenated(method, targets)
     # Only L1Unstructured and RandomUnstructured (ours or torch's) get here; both have an amount.
     count = _m.count_to_prune(cast(Any, method).amount, sum(t.remaining for t in targets))
-    dtype = common_dtype([t.tensor.dtype if t.importance is None else t.importance.dtype for t in targets])
+    if count == 0:  # torch draws no random numbers then either
+        return [t.mask_after(torch.zeros(t.tensor.shape, dtype=torch.bool)) for t in targets]
+    dtype = common_dtype([source.dtype for source in scores])
     chosen = select_smallest(scores, [t.candidates for t in targets], count, dtype)
-    return [c.logical_not_() if t.candidates is None else t.candidates & ~c for c, t in zip(chosen, targets)]
+    if isinstance(scores[0], RandomScores):
+        scores[0].stream.finish()
+    return [t.mask_after(c) for c, t in zip(chosen, targets)]
 
 
 def _new_masks_concatenated(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
     """torch's own algorithm, for methods that must see all remaining scores at once (custom methods)."""
-    scores = torch.cat(
-        [(t.tensor if t.importance is None else t.importance).detach().reshape(-1) for t in targets]
-    )
-    masks = [
-        torch.ones(t.tensor.numel()) if t.candidates is None else t.candidates.reshape(-1) for t in targets
-    ]
+    scores = torch.cat([t.scores.detach().reshape(-1) for t in targets])
+    masks = [torch.ones(t.tensor.numel()) if t.stored is None else t.stored.reshape(-1) for t in targets]
     method._tensor_name = "global"
     container = _m.PruningContainer(method)
     mask = container.compute_mask(scores, default_mask=torch.cat([m.to(scores.dtype) for m in masks]))
-    pieces = torch.split(mask != 0, [t.tensor.numel() for t in targets])
+    pieces = torch.split(mask, [t.tensor.numel() for t in targets])
     return [piece.view(t.tensor.shape) for piece, t in zip(pieces, targets)]
 
 

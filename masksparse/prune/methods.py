@@ -255,12 +255,11 @@ class PruningContainer(BasePruningMethod):
         if part is None:
             raise PruningValueError(f"Unrecognized PRUNING_TYPE {kind!r} of {type(method).__name__}")
         index = part(method, t, default_mask)
-        new_mask = (
-            default_mask.clone() if default_mask.dtype == torch.bool else default_mask.to(dtype=t.dtype)
-        )
-        new_mask[index] = method.compute_mask(t[index], default_mask=default_mask[index]).to(
-            dtype=new_mask.dtype
-        )
+        partial = method.compute_mask(t[index], default_mask=default_mask[index])
+        # Bool stays bool only while the new part is bool too: a soft custom mask keeps its values.
+        keep_bool = default_mask.dtype == torch.bool and partial.dtype == torch.bool
+        new_mask = default_mask.clone() if keep_bool else default_mask.to(dtype=t.dtype)
+        new_mask[index] = partial.to(dtype=new_mask.dtype)
         return new_mask
 
 

@@ -48,6 +48,11 @@ class ElementwiseScores:
         """The number of scores."""
         return self.tensor.numel()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The scores' dtype."""
+        return self.tensor.dtype
+
     def full(self) -> torch.Tensor:
         """Every score, in the tensor's shape."""
         return self.key(self.tensor.detach())
@@ -57,27 +62,78 @@ class ElementwiseScores:
         return self.key(self.tensor.detach().reshape(-1)[::step])
 
 
-@dataclass(frozen=True)
-class RandomScores:
-    """Uniform random scores in [0, 1), regenerated identically from ``seed`` on every pass.
+class RandomStream:
+    """Uniform numbers for the candidates of several tensors, drawn again identically on every pass.
+
+    They come from torch's global generator, tensor after tensor, so they are exactly the numbers of one
+    ``torch.rand(total)`` call over the concatenated candidates, as torch.nn.utils.prune's global random
+    pruning draws them. :meth:`finish` leaves the generator where that single call would.
 
     Example:
         >>> import torch
-        >>> scores = RandomScores((2, 3), seed=7)
-        >>> torch.equal(scores.full(), scores.full())
+        >>> _ = torch.manual_seed(0)
+        >>> stream = RandomStream([2, 3], torch.float32)
+        >>> first = torch.cat([stream.draw(0), stream.draw(1)])
+        >>> again = torch.cat([stream.draw(0), stream.draw(1)])
+        >>> stream.finish()
+        >>> _ = torch.manual_seed(0)
+        >>> torch.equal(first, torch.rand(5)) and torch.equal(again, first)
         True
     """
 
+    def __init__(self, counts: Sequence[int], dtype: torch.dtype) -> None:
+        self.counts, self.dtype = list(counts), dtype
+        self.start = torch.get_rng_state()
+        self.end: torch.Tensor | None = None
+
+    def draw(self, index: int) -> torch.Tensor:
+        """The numbers of tensor ``index``; a pass must draw the tensors in order, starting at 0."""
+        if index == 0:
+            torch.set_rng_state(self.start)
+        values = torch.rand(self.counts[index], dtype=self.dtype)
+        if index == len(self.counts) - 1 and self.end is None:
+            self.end = torch.get_rng_state()
+        return values
+
+    def finish(self) -> None:
+        """Leave the global generator as one draw of every tensor's numbers leaves it."""
+        if self.end is None:
+            for index in range(len(self.counts)):
+                self.draw(index)
+        if self.end is not None:
+            torch.set_rng_state(self.end)
+
+
+@dataclass(frozen=True)
+class RandomScores:
+    """Random scores for one tensor's candidates: ``1 - u`` for the stream's uniform ``u``.
+
+    Choosing the k smallest of ``1 - u`` chooses the k largest ``u``, as torch's ``topk`` over random
+    numbers does; ``1 - u`` is exact for floats drawn on a ``2**-24`` (or ``2**-53``) grid.
+    """
+
+    stream: RandomStream
+    index: int
     shape: tuple[int, ...]
-    seed: int
+    candidates: torch.Tensor | None
 
     def numel(self) -> int:
         """The number of scores."""
         return math.prod(self.shape)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The scores' dtype."""
+        return self.stream.dtype
+
     def full(self) -> torch.Tensor:
-        """Every score, in ``shape``."""
-        return torch.rand(self.shape, generator=torch.Generator().manual_seed(self.seed))
+        """Every score, in ``shape``; entries that are not candidates score 1."""
+        drawn = 1 - self.stream.draw(self.index)
+        if self.candidates is None:
+            return drawn.view(self.shape)
+        scores = torch.ones(self.shape, dtype=drawn.dtype)
+        scores[self.candidates] = drawn
+        return scores
 
     def strided(self, step: int) -> torch.Tensor:
         """The scores of every ``step``-th entry in flat order."""
