@@ -343,8 +343,9 @@ def global_unstructured(
         )
     with torch.no_grad():
         masks = _new_masks(method, targets)
-    for target, mask in zip(targets, masks):
-        applied = _m.CustomFromMask(mask)
+    masks.reverse()
+    for target in targets:
+        applied = _m.CustomFromMask(masks.pop())  # dropped once installed: one copy of each mask at a time
         _apply.apply_method(applied, target.module, target.name)
         # Point the hook at the stored buffer rather than keeping a second copy of the mask alive.
         applied.mask = getattr(target.module, target.name + "_mask")

@@ -27,8 +27,10 @@ _DIGIT_BITS = 16
 _INT_VIEW = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
 # Brackets holding more candidates than this are not gathered; the radix select narrows them first.
 _GATHER_LIMIT = 1 << 22
-# About this many sampled scores choose the bracket.
+# The bracket is chosen from a sample of one score in 256, at least _SAMPLE_SIZE and at most _SAMPLE_MAX
+# of them: a bracket then holds about 50 * sqrt(total) candidates, under _GATHER_LIMIT up to ~6e9 scores.
 _SAMPLE_SIZE = 1 << 18
+_SAMPLE_MAX = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,10 @@ def _sample_bracket(
 ) -> tuple[int, int]:
     """Bit bounds ``[lo, hi)`` that very likely hold the k-th smallest candidate score."""
     everything = (0, 1 << _INT_VIEW[dtype][1])
-    if total <= _GATHER_LIMIT:
+    size = min(max(total // 256, _SAMPLE_SIZE), _SAMPLE_MAX)
+    if total <= size:  # a sample would be everything: gather it all and sort
         return everything
-    step = max(1, total // _SAMPLE_SIZE)
+    step = max(1, total // size)
     pieces = []
     for source, allowed in zip(scores, candidates):
         bits = _bits(source.strided(step), dtype)
