@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from masksparse.prune import select
 from masksparse.prune.select import (
-    ElementwiseScores,
+    MagnitudeScores,
     RandomScores,
     RandomStream,
     select_smallest,
@@ -39,7 +39,7 @@ def score_sets(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor |
 def _check(
     scores: list[torch.Tensor], candidates: list[torch.Tensor | None], k: int, dtype: torch.dtype
 ) -> None:
-    chosen = select_smallest([ElementwiseScores(s) for s in scores], candidates, k, dtype)
+    chosen = select_smallest([MagnitudeScores(s) for s in scores], candidates, k, dtype)
     allowed = [torch.ones_like(s, dtype=torch.bool) if c is None else c for s, c in zip(scores, candidates)]
     assert sum(int(c.sum()) for c in chosen) == k
     picked = torch.cat([s[c] for s, c in zip(scores, chosen)])
@@ -62,15 +62,22 @@ def test_selects_exactly_the_k_smallest_with_ties_in_order(case: tuple) -> None:
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
-@given(case=score_sets(), limit=st.sampled_from([0, 1, 4, 16]), sample=st.sampled_from([1, 4, 64]))
-def test_sampled_brackets_and_radix_refinement_agree(case: tuple, limit: int, sample: int) -> None:
-    """With tiny gather limits and samples, the sampled bracket or the radix fallback agrees."""
-    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE
-    select._GATHER_LIMIT, select._SAMPLE_SIZE = limit, sample
+@given(
+    case=score_sets(),
+    limit=st.sampled_from([0, 1, 4, 16]),
+    sample=st.sampled_from([1, 4, 64]),
+    chunk=st.sampled_from([1, 3, 8, 1 << 20]),
+)
+def test_sampled_brackets_and_radix_refinement_agree(
+    case: tuple, limit: int, sample: int, chunk: int
+) -> None:
+    """With tiny gather limits, samples and chunks, the sampled bracket or the radix fallback agrees."""
+    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK
+    select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK = limit, sample, chunk
     try:
         _check(*case)
     finally:
-        select._GATHER_LIMIT, select._SAMPLE_SIZE = saved
+        select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK = saved
 
 
 def test_misleading_sample_falls_back_to_the_exact_bracket() -> None:
@@ -86,19 +93,36 @@ def test_misleading_sample_falls_back_to_the_exact_bracket() -> None:
         select._GATHER_LIMIT, select._SAMPLE_SIZE = saved
 
 
+def _read(source: MagnitudeScores | RandomScores) -> torch.Tensor:
+    return torch.cat([chunk for _, chunk in source.chunks(3)]).view(source.shape)
+
+
 def test_random_scores_replay_torch_global_generator() -> None:
     """RandomScores redraw the same numbers on every pass: those of one torch.rand over all candidates."""
     candidates = torch.tensor([[True, False, True], [True, True, False]])
     torch.manual_seed(5)
-    stream = RandomStream([4, 3], torch.float32)
-    sources = [RandomScores(stream, 0, (2, 3), candidates), RandomScores(stream, 1, (3,), None)]
-    first = [source.full() for source in sources]
-    again = [source.full() for source in sources]
+    stream = RandomStream(torch.float32)
+    sources = [
+        RandomScores(stream, (2, 3), candidates, first=True),
+        RandomScores(stream, (7,), None, last=True),
+    ]
+    first = [_read(source) for source in sources]
+    again = [_read(source) for source in sources]
     stream.finish()
     after = torch.rand(1)
     torch.manual_seed(5)
-    expected = 1 - torch.rand(7)
+    expected = 1 - torch.rand(11)
     assert torch.equal(first[0][candidates], expected[:4]) and torch.equal(first[1], expected[4:])
+    assert bool((first[0][~candidates] == 1).all()), "non-candidates score 1"
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert torch.equal(after, torch.rand(1)), "the generator ends where one torch.rand(7) leaves it"
-    assert torch.equal(sources[0].strided(2), first[0].reshape(-1)[::2])
+    assert torch.equal(after, torch.rand(1)), "the generator ends where one torch.rand(11) leaves it"
+
+
+def test_chunked_draws_equal_one_draw() -> None:
+    """torch.rand in pieces gives the numbers of one call (what RandomStream relies on)."""
+    torch.manual_seed(0)
+    pieces = [torch.rand(n) for n in (1, 7, 1000, 5, 70_000, 3)]
+    pieces64 = [torch.rand(n, dtype=torch.float64) for n in (9, 4096, 2)]
+    torch.manual_seed(0)
+    assert torch.equal(torch.cat(pieces), torch.rand(71_016))
+    assert torch.equal(torch.cat(pieces64), torch.rand(4107, dtype=torch.float64))

@@ -18,7 +18,7 @@ from masksparse._errors import PruningTypeError, PruningValueError
 from masksparse.prune import _apply
 from masksparse.prune import methods as _m
 from masksparse.prune.select import (
-    ElementwiseScores,
+    MagnitudeScores,
     RandomScores,
     RandomStream,
     Scores,
@@ -270,11 +270,14 @@ def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
 def _score_sources(method: _m.TorchMethod, targets: list[_Target]) -> list[Scores]:
     """Per-tensor scores for the methods that rank entries one by one; empty for any other method."""
     if isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
-        return [ElementwiseScores(t.scores) for t in targets]
+        return [MagnitudeScores(t.scores) for t in targets]
     if isinstance(method, (_m.RandomUnstructured, torch_prune.RandomUnstructured)):
-        dtype = functools.reduce(torch.promote_types, [t.scores.dtype for t in targets])
-        stream = RandomStream([t.remaining for t in targets], dtype)
-        return [RandomScores(stream, i, tuple(t.tensor.shape), t.candidates) for i, t in enumerate(targets)]
+        stream = RandomStream(functools.reduce(torch.promote_types, [t.scores.dtype for t in targets]))
+        last = len(targets) - 1
+        return [
+            RandomScores(stream, tuple(t.tensor.shape), t.candidates, first=i == 0, last=i == last)
+            for i, t in enumerate(targets)
+        ]
     return []
 
 
