@@ -2,11 +2,13 @@
 
 ``from masksparse import prune`` is a drop-in for ``torch.nn.utils.prune`` with bool masks, weights
 computed on read and global pruning that scales; pruned state_dicts load into fresh models; sparsity
-reports print as tables.
+reports print as tables; structured masks become a genuinely smaller model with
+:func:`masksparse.compaction.compact`.
 """
 
 from masksparse import prune
 from masksparse._errors import (
+    CompactionError,
     MaskSparseError,
     MissingDependencyError,
     PruningAttributeError,
@@ -16,15 +18,21 @@ from masksparse._errors import (
     ShapeMismatchError,
     StateDictError,
 )
+from masksparse.compaction import Plan, compact, plan_compaction
+from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
+from masksparse.structured import prune_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactionError",
+    "Graph",
     "MaskSparseError",
     "MissingDependencyError",
+    "Plan",
     "PruningAttributeError",
     "PruningIndexError",
     "PruningTypeError",
@@ -35,10 +43,14 @@ __all__ = [
     "SparsityReport",
     "StateDictError",
     "__version__",
+    "compact",
     "load_state_dict",
+    "plan_compaction",
     "prune",
+    "prune_channels",
     "read_state_dict",
     "remove_all",
     "save_state_dict",
     "sparsity_report",
+    "trace",
 ]

@@ -42,3 +42,12 @@ class StateDictError(MaskSparseError, RuntimeError):
 
 class MissingDependencyError(MaskSparseError, ImportError):
     """An optional dependency (safetensors, scikit-learn, ...) is needed and not installed."""
+
+
+class CompactionError(MaskSparseError, RuntimeError):
+    """Tracing, structured pruning or compaction cannot proceed exactly.
+
+    An operation without a rule touches a pruned dimension, the model fails on its example inputs, or
+    the compacted model does not compute what the masked model computes. The message names the operation
+    or the first module where outputs diverge.
+    """

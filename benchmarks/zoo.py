@@ -1,0 +1,121 @@
+"""Prune and compact torchvision classification models; print what worked.
+
+For each model (weights=None, eval mode, BatchNorm statistics and affine parameters randomised as in
+a trained network): ``prune_channels(amount=0.5)`` with the classifier ignored, then ``compact``.
+With ``--method ln_structured`` the masks come from plain ``torch.nn.utils.prune.ln_structured`` on
+every conv weight instead (so masked channels still emit their BatchNorm shift). The table shows
+whether it worked, the largest relative error between the masked and the compacted model's outputs,
+the fraction of parameters left, and the seconds masking and compaction took.
+
+    python benchmarks/zoo.py --models resnet18,mobilenet_v2
+    python benchmarks/zoo.py --method ln_structured
+    python benchmarks/zoo.py              # every classification model in torchvision
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.utils.prune as torch_prune
+import torchvision
+from tabulate import tabulate
+from torch import nn
+
+from masksparse.compaction import compact, relative_error
+from masksparse.structured import prune_channels
+
+# Smallest input each family accepts comfortably (the rest take 64x64 to stay quick).
+_SIZES = {"inception_v3": 299, "vit": 224, "swin": 224, "maxvit": 224, "googlenet": 64}
+
+
+def randomise_batch_norm(model: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm statistics and affine parameters like a trained network's, and every
+    weight initialised to zero (ViT's head, say) small random values, so outputs are not all zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The last Linear (or 1x1 conv, for squeezenet) of the model: its outputs are the classes."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    assert last is not None
+    return last
+
+
+def input_size(name: str) -> int:
+    return next((s for prefix, s in _SIZES.items() if name.startswith(prefix)), 64)
+
+
+def mask(model: nn.Module, x: torch.Tensor, method: str, amount: float) -> None:
+    """Mask ``model`` with masksparse's prune_channels or with torch's ln_structured on conv weights."""
+    if method == "prune_channels":
+        prune_channels(model, x, amount, ignored_layers=[classifier(model)])
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            torch_prune.ln_structured(m, "weight", amount=amount, n=1, dim=0)
+
+
+def run_one(name: str, amount: float = 0.5, method: str = "prune_channels") -> dict[str, object]:
+    """Mask and compact one model; the row of the table."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    randomise_batch_norm(model)
+    size = input_size(name)
+    x = torch.randn(1, 3, size, size)
+    row: dict[str, object] = {"model": name}
+    start = time.perf_counter()
+    try:
+        mask(model, x, method, amount)
+        small = compact(model, x)
+        with torch.no_grad():
+            err = relative_error(model(x), small(x))
+        before = sum(p.numel() for p in model.parameters())  # *_orig stand for the dense tensors
+        after = sum(p.numel() for p in small.parameters())
+        row.update(status="ok", max_rel_err=f"{err:.1e}", params=f"{after / before:.2f}")
+    except Exception as exc:  # a benchmark reports failures instead of stopping
+        row.update(status=f"error: {type(exc).__name__}: {str(exc)[:90]}", max_rel_err="", params="")
+        if "-v" in sys.argv:
+            traceback.print_exc()
+    row["seconds"] = f"{time.perf_counter() - start:.1f}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated torchvision model names (default: all)")
+    parser.add_argument("--amount", type=float, default=0.5)
+    parser.add_argument("--method", choices=["prune_channels", "ln_structured"], default="prune_channels")
+    parser.add_argument("-v", action="store_true", help="print tracebacks of failures")
+    args = parser.parse_args(argv)
+    names = (
+        args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    )
+    rows = []
+    for name in names:
+        rows.append(run_one(name, args.amount, args.method))
+        print(f"{name}: {rows[-1]['status']}", file=sys.stderr, flush=True)
+    print(tabulate(rows, headers="keys"))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""From a trace and the rules to groups: which slices of which tensors live or die together.
+
+Every index of every dimension of every recorded value is a *slot*. Rules tie slots; the connected
+components of the ties are *units* (one channel, with everything that must go with it). Units touching
+the same tensors the same way (the 64 channels of one residual stream, say) form a :class:`Group`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from masksparse._errors import CompactionError
+from masksparse.graph import layers as _layers  # noqa: F401  (registers the rules)
+from masksparse.graph import layout as _layout  # noqa: F401
+from masksparse.graph.record import Node, Trace, Value
+from masksparse.graph.rules import Contraction, Relations, States, rule_for
+
+__all__ = ["Graph", "Group", "Member", "build"]
+
+
+class Member(NamedTuple):
+    """Part of a group: ``indices[u]`` are the indices of unit ``u`` along ``dim`` of ``module.tensor``."""
+
+    module: str
+    tensor: str
+    dim: int
+    indices: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units (channels) that prune together, and every tensor slice each unit owns.
+
+    ``prunable`` is False when some unit cannot be removed exactly whatever the masks say; ``reason``
+    then says why (a model input or output, a dimension a LayerNorm normalises over, an operation
+    without a rule, ...).
+    """
+
+    members: tuple[Member, ...]
+    size: int
+    prunable: bool
+    reason: str = ""
+    units: tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    def __str__(self) -> str:
+        head = f"Group of {self.size} units" + ("" if self.prunable else f" (kept: {self.reason})")
+        lines = [head]
+        for m in self.members:
+            per_unit = len(m.indices[0]) if m.indices else 0
+            lines.append(
+                f"  {m.module or '<model>'}.{m.tensor} dim {m.dim}"
+                + (f" ({per_unit} indices per unit)" if per_unit != 1 else "")
+            )
+        return "\n".join(lines)
+
+
+def _leaf_name(source: tuple[str, str]) -> tuple[str, str]:
+    path, name = source
+    return (path, name[: -len("_orig")]) if name.endswith("_orig") else (path, name)
+
+
+class Graph:
+    """The analysed trace: groups for users, and per-unit facts for pruning and compaction."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.base: dict[tuple[int, int], int] = {}
+        total = 0
+        for v in trace.values:
+            for d, size in enumerate(v.shape):
+                self.base[(v.id, d)] = total
+                total += size
+        self.n_slots = total
+        self.labels = np.arange(total)
+        self.states = States()
+        self.relations: list[Relations] = []
+        self.unknown: dict[int, Node] = {}  # unit label -> an op without a rule touching it
+        self.fixed: dict[int, str] = {}  # unit label -> why no compaction may remove it
+        self.live: set[int] = set()  # units some contraction still reads
+        self.folds: list[tuple[int, str, int, float]] = []  # (unit, module, column, constant)
+        self.blocked: list[tuple[np.ndarray, str]] = []  # (slots, why no compaction may remove them)
+        self.groups: tuple[Group, ...] = ()
+
+    def slots(self, v: Value, dim: int, index: np.ndarray | None = None) -> np.ndarray:
+        """Global slot numbers of ``v``'s dimension ``dim`` (all, or at ``index``)."""
+        base = self.base[(v.id, dim)]
+        return base + (np.arange(v.shape[dim]) if index is None else np.asarray(index))
+
+    def __repr__(self) -> str:
+        prunable = sum(g.prunable for g in self.groups)
+        return (
+            f"Graph({len(self.trace.nodes)} ops, {len(self.groups)} groups, {prunable} prunable, "
+            f"{len(set(self.unknown.values()))} ops without a rule)"
+        )
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` slots under edges ``a[k] -- b[k]``: each slot's smallest member."""
+    f = np.arange(n)
+    while True:
+        fa, fb = f[a], f[b]
+        m = np.minimum(fa, fb)
+        g = f.copy()
+        for idx in (fa, fb, a, b):
+            np.minimum.at(g, idx, m)
+        while True:  # pointer jumping until every slot points at its root
+            h = g[g]
+            if np.array_equal(h, g):
+                break
+            g = h
+        if np.array_equal(g, f):
+            return f
+        f = g
+
+
+def _relate(graph: Graph) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    edges_a: list[np.ndarray] = []
+    edges_b: list[np.ndarray] = []
+    blocked: list[tuple[np.ndarray, str]] = []
+    trace = graph.trace
+    for node in trace.nodes:
+        rule = rule_for(node.op)
+        if rule is None:
+            reason = f"created inside forward with a fixed size by {node}"
+            for v in node.outputs if not node.inputs else ():
+                blocked += [(graph.slots(v, d), reason) for d in range(v.ndim)]
+            graph.relations.append(Relations(node))
+            continue
+        rel = Relations(node)
+        try:
+            rule.relate(node, rel)
+        except (IndexError, ValueError, TypeError, KeyError) as exc:
+            raise CompactionError(f"the rule of {node} does not fit its arguments: {exc}") from exc
+        for v in node.inputs + node.outputs:
+            for d in range(v.ndim):
+                if (v.id, d) not in rel.covered:
+                    rel.block(v, d, f"{node} does not relate its dim {d}")
+        for a, da, ia, b, db, ib, _ in rel.ties:
+            edges_a.append(graph.slots(a, da, ia))
+            edges_b.append(graph.slots(b, db, ib))
+        blocked += [(graph.slots(v, d), reason) for v, d, reason in rel.blocks]
+        graph.relations.append(rel)
+    for v in trace.values:
+        if v.static and v.source is None and v.origin is None:
+            reason = "a constant tensor with a fixed size"
+            blocked += [(graph.slots(v, d), reason) for d in range(v.ndim)]
+    for v, kind in [(v, "input") for v in trace.inputs] + [(v, "output") for v in trace.outputs]:
+        blocked += [(graph.slots(v, d), f"a model {kind}") for d in range(v.ndim)]
+    graph.blocked = blocked
+    return edges_a, edges_b
+
+
+def _transfer(graph: Graph) -> None:
+    """Constants flow through the ops in execution order."""
+    for rel in graph.relations:
+        node = rel.node
+        if all(v.static for v in node.outputs):
+            continue
+        acc: dict[tuple[int, int], tuple[Value, np.ndarray, np.ndarray]] = {}
+        for a, da, ia, b, db, ib, carry in rel.ties:
+            if not carry:
+                continue
+            _, lo, hi = acc.setdefault(
+                (b.id, db), (b, np.full(b.shape[db], np.inf), np.full(b.shape[db], -np.inf))
+            )
+            vals = graph.states.get(a, da)[ia]
+            with np.errstate(invalid="ignore"):
+                np.minimum.at(lo, ib, vals)
+                np.maximum.at(hi, ib, vals)
+        for (_, db), (b, lo, hi) in acc.items():
+            graph.states.set(b, db, np.where(lo == hi, lo, np.nan))
+        rule = rule_for(node.op)
+        if rule is not None and rule.transfer is not None:
+            rule.transfer(node, rel, graph.states)
+
+
+def _contractions(graph: Graph) -> None:
+    """Mark units that some contraction still reads; record the constants to fold elsewhere."""
+    contractions: list[Contraction] = [c for rel in graph.relations for c in rel.contractions]
+    uses: dict[str, int] = {}
+    for c in contractions:
+        if c.fold is not None:
+            uses[c.fold] = uses.get(c.fold, 0) + 1
+    for c in contractions:
+        xs = graph.states.get(c.x, c.x_dim)[c.x_index]
+        ws = graph.states.get(c.w, c.w_dim)[c.w_index] if c.w is not None else np.full(len(xs), np.nan)
+        dead = (xs == 0) | (ws == 0)
+        # A bias absorbs a constant for every call of its module: fold only into single-use modules.
+        foldable = c.fold is not None and uses[c.fold] == 1
+        fold = ~dead & np.isfinite(xs) if foldable else np.zeros(len(xs), dtype=bool)
+        units = graph.labels[graph.slots(c.x, c.x_dim, c.x_index)]
+        graph.live.update(units[~dead & ~fold].tolist())
+        if foldable:
+            assert c.fold is not None
+            for k in np.nonzero(fold)[0]:
+                graph.folds.append((int(units[k]), c.fold, int(c.w_index[k]), float(xs[k])))
+
+
+def _flags(graph: Graph) -> None:
+    for slots, reason in graph.blocked:
+        for unit in np.unique(graph.labels[slots]).tolist():
+            graph.fixed.setdefault(unit, reason)
+    for rel in graph.relations:
+        node = rel.node
+        if rule_for(node.op) is not None or not node.inputs:
+            continue
+        for v in node.inputs + node.outputs:
+            for d in range(v.ndim):
+                units = graph.labels[graph.slots(v, d)]
+                for unit in np.unique(units).tolist():
+                    graph.unknown.setdefault(unit, node)
+                if v in node.inputs:
+                    # The op reads its inputs in ways no rule describes: keep what it reads, except
+                    # activations the masks zeroed, which stay flagged (compaction refuses to guess).
+                    read = units if v.static else units[graph.states.get(v, d) != 0]
+                    graph.live.update(read.tolist())
+
+
+def _leaf_slots(graph: Graph) -> tuple[list[tuple[str, str, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """Every slot of every parameter and buffer (masks left out): its unit, its (tensor, dim), index."""
+    leaves: dict[tuple[str, str], Value] = {}
+    for v in graph.trace.values:
+        if v.source is not None and not v.source[1].endswith("_mask"):
+            leaves.setdefault(_leaf_name(v.source), v)
+    keys: list[tuple[str, str, int]] = []
+    units, key_ids, indices = [], [], []
+    for (path, name), v in leaves.items():
+        for d in range(v.ndim):
+            units.append(graph.labels[graph.slots(v, d)])
+            key_ids.append(np.full(v.shape[d], len(keys)))
+            indices.append(np.arange(v.shape[d]))
+            keys.append((path, name, d))
+    if not keys:
+        empty = np.zeros(0, dtype=np.int64)
+        return keys, empty, empty, empty
+    return keys, np.concatenate(units), np.concatenate(key_ids), np.concatenate(indices)
+
+
+def _groups(graph: Graph) -> tuple[Group, ...]:
+    """Units touching the same leaf tensors along the same dims, listed as groups."""
+    keys, unit, key, index = _leaf_slots(graph)
+    if not keys:
+        return ()
+    order = np.lexsort((index, key, unit))
+    unit, key, index = unit[order], key[order], index[order]
+    pair = unit * len(keys) + key
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    ends = np.r_[starts[1:], len(pair)]
+    pair_unit, pair_key = unit[starts], key[starts]
+    # A family is the set of units touching the same (tensor, dim) keys: hash each unit's key set.
+    hashes = np.random.default_rng(0).integers(1, 2**62, size=len(keys))
+    ulist, inverse = np.unique(pair_unit, return_inverse=True)
+    signature = np.zeros(len(ulist), dtype=np.int64)
+    np.add.at(signature, inverse, hashes[pair_key])
+    n_keys = np.bincount(inverse)
+    sizes = np.bincount(graph.labels, minlength=graph.n_slots)
+    first_pair = np.r_[0, np.cumsum(n_keys)[:-1]]
+    families: dict[int, list[int]] = {}
+    for u_pos, sig in enumerate(signature.tolist()):
+        families.setdefault(sig, []).append(u_pos)
+    groups = []
+    for positions in families.values():
+        p0 = first_pair[positions[0]]
+        lone = n_keys[positions[0]] == 1 and sizes[ulist[positions[0]]] == ends[p0] - starts[p0]
+        if lone:
+            continue  # a dimension no rule ties to anything (a kernel dim): not worth listing
+        positions.sort(key=lambda q: int(index[starts[first_pair[q]]]))
+        members = []
+        for k in range(n_keys[positions[0]]):
+            path, name, d = keys[pair_key[p0 + k]]
+            per_unit = tuple(
+                tuple(index[starts[first_pair[q] + k] : ends[first_pair[q] + k]].tolist()) for q in positions
+            )
+            members.append(Member(path, name, d, per_unit))
+        units = tuple(int(ulist[q]) for q in positions)
+        bad = next((r for r in (_reason(graph, u) for u in units) if r), "")
+        groups.append(Group(tuple(members), len(units), not bad, bad, units))
+    return tuple(groups)
+
+
+def _reason(graph: Graph, unit: int) -> str:
+    if unit in graph.fixed:
+        return graph.fixed[unit]
+    if unit in graph.unknown:
+        return f"{graph.unknown[unit]} has no rule"
+    return ""
+
+
+def build(trace: Trace) -> Graph:
+    """Analyse a :class:`~masksparse.graph.record.Trace` into a :class:`Graph`."""
+    graph = Graph(trace)
+    edges_a, edges_b = _relate(graph)
+    if edges_a:
+        graph.labels = _components(graph.n_slots, np.concatenate(edges_a), np.concatenate(edges_b))
+    _transfer(graph)
+    _contractions(graph)
+    _flags(graph)
+    graph.groups = _groups(graph)
+    return graph

@@ -1,0 +1,372 @@
+"""Rules for elementwise and data-movement operations (see :mod:`masksparse.graph.rules`).
+
+Elementwise ops (torch's ``pointwise`` tag, and a few it misses) tie equal dimensions and evaluate
+constants directly; views, permutes, concatenation, slicing and splitting move data and carry
+constants along. Also the helpers the layer rules (:mod:`masksparse.graph.layers`) share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from masksparse.graph.record import Node, Value
+from masksparse.graph.rules import Relations, States, register_rule, slice_constants
+
+aten = torch.ops.aten
+
+__all__: list[str] = []  # rules register themselves; nothing to import
+
+
+def _where(node: Node) -> str:
+    return f"{node.op} in {node.module or '<model>'!r}"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _identity(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    for d in range(out.ndim):
+        rel.carry(x, d, out, d)
+
+
+def _probe(node: Node, rel: Relations, states: States) -> None:
+    """Constants through an op that treats each tied slot on its own (pooling, reductions, resizing).
+
+    The op is run once on an input whose constant slots hold their constant (the rest zero): because
+    output slot i depends only on input slot i, the output slice is exactly what any input with that
+    constant slice produces.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    if any(not v.static for v in node.inputs[1:]):
+        return
+    for a, a_dim, a_index, b, b_dim, b_index, _ in rel.ties:
+        if a is not x or b is not out:
+            continue
+        known = states.get(x, a_dim)
+        if not np.isfinite(known).any():
+            continue
+        shape = [1] * x.ndim
+        shape[a_dim] = x.shape[a_dim]
+        fill = torch.tensor(np.nan_to_num(known, nan=0.0), dtype=x.dtype).reshape(shape)
+        probe = fill.expand(x.shape).contiguous()
+        args = _replace(node, {x.id: probe})
+        result = node.op(*args[0], **args[1])
+        first = result[0] if isinstance(result, (tuple, list)) else result
+        got = slice_constants(first, b_dim)
+        values = np.full(out.shape[b_dim], np.nan)
+        ok = np.isfinite(known[a_index])
+        values[b_index[ok]] = got[b_index[ok]]
+        states.set(out, b_dim, values)
+
+
+def _replace(node: Node, tensors: dict[int, torch.Tensor]) -> tuple[list[Any], dict[str, Any]]:
+    """The node's arguments with values mapped to ``tensors`` (by value id) or their kept tensor."""
+
+    def one(a: Any) -> Any:
+        if isinstance(a, Value):
+            return tensors.get(a.id, a.tensor)
+        if isinstance(a, (list, tuple)):
+            return type(a)(one(b) for b in a)
+        return a
+
+    return [one(a) for a in node.args], {k: one(v) for k, v in node.kwargs.items()}
+
+
+def _block_all(rel: Relations, v: Value, reason: str) -> None:
+    for d in range(v.ndim):
+        rel.block(v, d, reason)
+
+
+# ------------------------------------------------------------------------------------------ pointwise
+
+
+def _pointwise(node: Node, rel: Relations) -> None:
+    out = node.outputs[0]
+    for v in node.inputs:
+        off = out.ndim - v.ndim
+        for d in range(v.ndim):
+            if d + off >= 0 and v.shape[d] == out.shape[d + off]:
+                rel.tie(v, d, out, d + off)
+    for extra in node.outputs[1:]:
+        if extra.shape == out.shape:
+            for d in range(out.ndim):
+                rel.tie(out, d, extra, d)
+
+
+def _operand(v: Value, d: int, out: Value, states: States) -> np.ndarray:
+    """Per output slot along ``d``, the constant of ``v`` that meets it (broadcasting)."""
+    n = out.shape[d]
+    k = d - (out.ndim - v.ndim)
+    if k < 0:
+        return np.full(n, states.whole(v))
+    if v.shape[k] == 1 and n != 1:
+        return np.full(n, states.get(v, k)[0])
+    return states.get(v, k)
+
+
+def _pointwise_transfer(node: Node, rel: Relations, states: States) -> None:
+    out = node.outputs[0]
+    tensors = [a for a in node.args if isinstance(a, Value)] + [
+        a for a in node.kwargs.values() if isinstance(a, Value)
+    ]
+    is_mul = node.op.overloadpacket in (aten.mul, aten.mul_)
+    for d in range(out.ndim):
+        operands = {v.id: _operand(v, d, out, states) for v in tensors}
+        known = np.ones(out.shape[d], dtype=bool)
+        for arr in operands.values():
+            known &= ~np.isnan(arr)
+        values = np.full(out.shape[d], np.nan)
+        rows = np.nonzero(known)[0]
+        if len(rows):
+            subs = {v.id: torch.tensor(operands[v.id][rows], dtype=v.dtype) for v in tensors}
+            try:
+                args, kwargs = _replace(node, subs)
+                res = node.op(*args, **kwargs)
+                first = res[0] if isinstance(res, (tuple, list)) else res
+                values[rows] = first.detach().double().reshape(-1).numpy()
+            except (RuntimeError, TypeError, ValueError):
+                pass  # an operand layout the 1-D evaluation cannot express: leave unknown
+        if is_mul:
+            # 0 * anything finite is 0: a zeroed channel stays zero through a gate.
+            for arr in operands.values():
+                values[arr == 0] = 0.0
+        states.set(out, d, values)
+
+
+# Elementwise ops that torch does not tag ``pointwise``.
+_ELEMENTWISE = (aten._prelu_kernel, aten.where, aten.masked_fill, aten.rsub, aten.hardswish, aten.hardswish_,
+                aten.gelu_, aten.mish_, aten.threshold_)  # fmt: skip
+register_rule("pointwise", *_ELEMENTWISE, transfer=_pointwise_transfer)(_pointwise)
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+register_rule(
+    aten.clone,
+    aten.alias,
+    aten.detach,
+    aten.lift_fresh,
+    aten._to_copy,
+    aten.contiguous,
+    aten.dropout,
+    aten.feature_dropout,
+    aten.alpha_dropout,
+)(_identity)
+
+
+@register_rule(aten.t, aten.transpose, aten.permute, aten.numpy_T)
+def _permute(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    order = list(range(x.ndim))
+    packet = node.op.overloadpacket
+    if packet is aten.permute:
+        order = [d % x.ndim for d in node.args[1]]
+    elif x.ndim >= 2 and packet in (aten.t, aten.numpy_T):
+        order = order[::-1]
+    elif packet is aten.transpose:
+        a, b = node.args[1] % x.ndim, node.args[2] % x.ndim
+        order[a], order[b] = order[b], order[a]
+    for d_out, d_in in enumerate(order):
+        rel.carry(x, d_in, out, d_out)
+
+
+def _blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Match the dimensions (size 1 left out) of two shapes with the same number of elements."""
+    ia = [i for i, s in enumerate(a) if s != 1]
+    ib = [i for i, s in enumerate(b) if s != 1]
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ia) and j < len(ib):
+        da, db = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(ia):
+                pa *= a[ia[i]]
+                da.append(ia[i])
+                i += 1
+            elif pb < pa and j < len(ib):
+                pb *= b[ib[j]]
+                db.append(ib[j])
+                j += 1
+            else:
+                return None
+        blocks.append((da, db))
+    return blocks if i == len(ia) and j == len(ib) else None
+
+
+@register_rule(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten)
+def _view(node: Node, rel: Relations) -> None:
+    """Reshapes as merges and splits: only the leading dimension of a merged or split block can shrink.
+
+    Flattening ``(N, C, H, W)`` to ``(N, C*H*W)``: feature ``f`` belongs to channel ``f // (H*W)``,
+    so removing a channel removes a contiguous block of features and H, W stay whole.
+    """
+    x, out = node.inputs[0], node.outputs[0]
+    blocks = _blocks(x.shape, out.shape) if 0 not in x.shape else None
+    if blocks is None:
+        return
+    for da, db in blocks:
+        if len(da) == 1 and len(db) == 1:
+            rel.carry(x, da[0], out, db[0])
+            continue
+        merged, parts, parts_of = (out, x, da) if len(db) == 1 else (x, out, db)
+        if len(da) > 1 and len(db) > 1:
+            for d in da:
+                rel.block(x, d, f"reshaped together with other dimensions by {_where(node)}")
+            for d in db:
+                rel.block(out, d, f"reshaped together with other dimensions by {_where(node)}")
+            continue
+        m_dim = (db if merged is out else da)[0]
+        lead = parts_of[0]
+        inner = math.prod(parts.shape[d] for d in parts_of[1:])
+        f = np.arange(merged.shape[m_dim])
+        if merged is out:
+            rel.carry(x, lead, out, m_dim, src_index=f // inner, dst_index=f)
+        else:
+            rel.carry(x, m_dim, out, lead, src_index=f, dst_index=f // inner)
+        for d in parts_of[1:]:
+            rel.block(parts, d, f"inner part of a dimension merged or split by {_where(node)}")
+
+
+@register_rule(aten.expand)
+def _expand(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    off = out.ndim - x.ndim
+    for d in range(x.ndim):
+        if x.shape[d] == out.shape[d + off]:
+            rel.carry(x, d, out, d + off)
+
+
+@register_rule(aten.cat)
+def _cat(node: Node, rel: Relations) -> None:
+    """Concatenation: each input occupies a range of the output, at an offset."""
+    out = node.outputs[0]
+    dim = node.arg(1, "dim", 0) % out.ndim
+    offset = 0
+    for v in node.args[0]:
+        if v.ndim != out.ndim:  # legacy empty tensors of shape (0,) take no part
+            continue
+        for d in range(out.ndim):
+            if d == dim:
+                n = v.shape[d]
+                rel.carry(v, d, out, d, src_index=np.arange(n), dst_index=offset + np.arange(n))
+            else:
+                rel.carry(v, d, out, d)
+        offset += v.shape[dim]
+
+
+def _carry_except(node: Node, rel: Relations, x: Value, out: Value, dim: int, keeps_dim: bool) -> None:
+    for d in range(x.ndim):
+        if d == dim:
+            continue
+        rel.carry(x, d, out, d if keeps_dim or d < dim else d - 1)
+
+
+@register_rule(aten.slice)
+def _slice(node: Node, rel: Relations) -> None:
+    """A slice with fixed bounds stops being the same slice once units are removed: block its dim."""
+    x, out = node.inputs[0], node.outputs[0]
+    dim = node.arg(1, "dim", 0) % x.ndim
+    if x.shape == out.shape and node.arg(4, "step", 1) == 1:
+        _identity(node, rel)
+        return
+    rel.block(x, dim, f"sliced with fixed bounds by {_where(node)}")
+    rel.block(out, dim, f"sliced with fixed bounds by {_where(node)}")
+    _carry_except(node, rel, x, out, dim, True)
+
+
+@register_rule(aten.select)
+def _select(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    dim = node.args[1] % x.ndim
+    rel.block(x, dim, f"indexed with a fixed index by {_where(node)}")
+    _carry_except(node, rel, x, out, dim, False)
+
+
+@register_rule(aten.split, aten.split_with_sizes, aten.unbind, aten.unsafe_split, aten.chunk)
+def _split(node: Node, rel: Relations) -> None:
+    x = node.inputs[0]
+    dim = node.arg(1 if node.op.overloadpacket is aten.unbind else 2, "dim", 0) % x.ndim
+    rel.block(x, dim, f"split into fixed sizes by {_where(node)}")
+    for out in node.outputs:
+        keeps = out.ndim == x.ndim
+        if keeps:
+            rel.block(out, dim, f"split into fixed sizes by {_where(node)}")
+        _carry_except(node, rel, x, out, dim, keeps)
+
+
+def _pad(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    pad = list(node.args[1])
+    padded = {x.ndim - 1 - k // 2 for k, p in enumerate(pad) if p != 0}
+    for d in range(x.ndim):
+        if d in padded:
+            rel.block(x, d, f"padded by {_where(node)}")
+        else:
+            rel.tie(x, d, out, d)  # not carry: the padding value is part of every slice
+
+
+register_rule(aten.constant_pad_nd, transfer=_probe)(_pad)
+
+
+@register_rule(aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like)
+def _like(node: Node, rel: Relations) -> None:
+    # Same shape as the input, contents unrelated: shrinks along with it, constants do not carry.
+    x, out = node.inputs[0], node.outputs[0]
+    for d in range(out.ndim):
+        rel.tie(x, d, out, d)
+
+
+@register_rule(aten.roll)
+def _roll(node: Node, rel: Relations) -> None:
+    """A roll moves data along its dims: those keep their size; the others pass through."""
+    x, out = node.inputs[0], node.outputs[0]
+    dims = node.arg(2, "dims", [])
+    rolled = {d % x.ndim for d in dims} if dims else set(range(x.ndim))
+    for d in range(x.ndim):
+        if d in rolled:
+            rel.block(x, d, f"rolled by {_where(node)}")
+        else:
+            rel.carry(x, d, out, d)
+
+
+@register_rule(aten.index)
+def _index(node: Node, rel: Relations) -> None:
+    """``x[..., idx, ...]`` with one index tensor: the indexed dim is blocked, the others pass through."""
+    x, out = node.args[0], node.outputs[0]
+    indices = list(node.args[1])
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or not isinstance(indices[used[0]], Value):
+        return  # advanced indexing over several dims: every dim left unexplained is blocked
+    k, idx = used[0], indices[used[0]]
+    rel.block(x, k, f"indexed by {_where(node)}")
+    for d in range(x.ndim):
+        if d != k:
+            rel.carry(x, d, out, d if d < k else d + idx.ndim - 1)
+    for d in range(idx.ndim):
+        rel.tie(idx, d, out, k + d)
+
+
+@register_rule(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)
+def _new(node: Node, rel: Relations) -> None:
+    """A new tensor of a fixed size: its input only lends dtype and device."""
+    rel.ignore(node.inputs[0])
+    for d in range(node.outputs[0].ndim):
+        rel.block(node.outputs[0], d, f"created with a fixed size by {_where(node)}")
+
+
+@register_rule(aten.fill_, aten.fill)
+def _fill(node: Node, rel: Relations) -> None:
+    # Overwritten with one value: same shape as before, contents unrelated (no constant carried).
+    x, out = node.inputs[0], node.outputs[0]
+    for d in range(out.ndim):
+        rel.tie(x, d, out, d)
+    for v in node.inputs[1:]:
+        rel.ignore(v)

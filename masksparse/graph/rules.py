@@ -1,0 +1,245 @@
+"""How each aten operation relates the dimensions of its inputs to those of its outputs.
+
+A rule is a function ``rule(node, rel)`` registered for one or more operations with
+:func:`~masksparse.graph.rules.register_rule`. It tells ``rel`` (a :class:`Relations`) which index
+slots are *tied* (must be removed together), which dimensions are *contracted* (summed over, as a
+Linear's input features are), and which dimensions are *blocked* (no compaction may change their
+size: a LayerNorm's normalised dimension, a convolution's spatial dimensions, a slice along a
+dimension). A dimension of an input or
+output that a rule leaves unexplained is blocked, so an incomplete rule errs on the side of keeping.
+
+A rule may also register a *transfer*: how the operation maps per-slot constants (a channel that is
+the same number everywhere) from inputs to outputs. Compaction uses constants to fold a channel that
+only emits its bias into the next layer's bias. Ties declared with ``carry=True`` (pure data movement:
+views, permutes, concatenation) carry constants along by themselves.
+
+The rules themselves live in ``masksparse.graph.layout`` and ``masksparse.graph.layers``; this
+module holds the registry and the vocabulary rules speak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from masksparse.graph.record import Node, Value
+
+__all__ = ["Contraction", "Relations", "Rule", "States", "register_rule", "rule_for"]
+
+Index = np.ndarray
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """Slots of ``x`` summed against slots of ``w`` (``w`` None: a plain sum over ``x``'s slots).
+
+    Removing a contracted slot is exact when either side is zero there, or when ``x`` is a constant
+    there and ``fold`` names the module whose bias can absorb ``w``'s column times that constant.
+    """
+
+    node: Node
+    x: Value
+    x_dim: int
+    x_index: Index
+    w: Value | None
+    w_dim: int
+    w_index: Index
+    fold: str | None
+
+
+class Relations:
+    """What the rule of one node says; filled by the rule, read by :mod:`masksparse.graph.groups`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # (a, a_dim, a_index, b, b_dim, b_index, carry): a[a_index[k]] is tied to b[b_index[k]]; with
+        # carry, b is an output whose slot holds exactly the data of the tied input slots.
+        self.ties: list[tuple[Value, int, Index, Value, int, Index, bool]] = []
+        self.blocks: list[tuple[Value, int, str]] = []
+        self.contractions: list[Contraction] = []
+        self.covered: set[tuple[int, int]] = set()
+
+    def tie(
+        self,
+        a: Value,
+        a_dim: int,
+        b: Value,
+        b_dim: int,
+        a_index: Index | None = None,
+        b_index: Index | None = None,
+        *,
+        carry: bool = False,
+    ) -> None:
+        """Tie slot ``a_index[k]`` of ``a``'s dimension ``a_dim`` to ``b_index[k]`` of ``b``'s (all: 1:1)."""
+        a_dim, b_dim = a_dim % max(a.ndim, 1), b_dim % max(b.ndim, 1)
+        if a_index is None and b_index is None:
+            if a.shape[a_dim] != b.shape[b_dim]:
+                raise ValueError(f"cannot tie sizes {a.shape[a_dim]} and {b.shape[b_dim]} one to one")
+            a_index = b_index = np.arange(a.shape[a_dim])
+        assert a_index is not None and b_index is not None  # both given, or both derived above
+        self.ties.append((a, a_dim, np.asarray(a_index), b, b_dim, np.asarray(b_index), carry))
+        self.covered.update({(a.id, a_dim), (b.id, b_dim)})
+
+    def carry(self, src: Value, src_dim: int, dst: Value, dst_dim: int, **index: Index) -> None:
+        """Tie ``src`` to the output ``dst`` as pure data movement (constants carry along)."""
+        self.tie(src, src_dim, dst, dst_dim, index.get("src_index"), index.get("dst_index"), carry=True)
+
+    def ignore(self, v: Value) -> None:
+        """``v`` is an input whose contents the op does not read (it lends only dtype and device)."""
+        self.covered.update((v.id, d) for d in range(v.ndim))
+
+    def block(self, v: Value, dim: int, reason: str) -> None:
+        """No compaction may change the size of ``v``'s dimension ``dim``; ``reason`` says why."""
+        dim = dim % max(v.ndim, 1)
+        self.blocks.append((v, dim, reason))
+        self.covered.add((v.id, dim))
+
+    def contract(
+        self,
+        x: Value,
+        x_dim: int,
+        w: Value | None,
+        w_dim: int = 0,
+        *,
+        x_index: Index | None = None,
+        w_index: Index | None = None,
+        fold: str | None = None,
+    ) -> None:
+        """``x``'s dimension ``x_dim`` is summed against ``w``'s ``w_dim`` (or just summed)."""
+        x_dim = x_dim % max(x.ndim, 1)
+        xi = np.arange(x.shape[x_dim]) if x_index is None else np.asarray(x_index)
+        wi = xi if w_index is None else np.asarray(w_index)
+        if w is not None:
+            w_dim = w_dim % max(w.ndim, 1)
+            self.tie(x, x_dim, w, w_dim, xi, wi)
+        self.covered.add((x.id, x_dim))
+        self.contractions.append(Contraction(self.node, x, x_dim, xi, w, w_dim, wi, fold))
+
+
+class States:
+    """Per-slot constants: ``get(v, d)[i]`` is the value every entry of ``v``'s slice ``i`` along ``d``
+    holds, or NaN when that is not known. Static values (parameters, masked weights) are read off
+    their contents; everything else starts unknown and is filled by transfers in execution order.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int], np.ndarray] = {}
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, v: Value, dim: int) -> np.ndarray:
+        """The constants of ``v``'s slots along ``dim`` (NaN: not a known constant)."""
+        key = (v.id, dim)
+        got = self._known.get(key)
+        if got is None:
+            if v.tensor is None:
+                got = np.full(v.shape[dim], np.nan)
+            elif v.ndim >= 3 and dim < 2:
+                lo, hi = self.minmax(v)
+                lo, hi = (lo.min(1), hi.max(1)) if dim == 0 else (lo.min(0), hi.max(0))
+                got = np.where(lo == hi, lo, np.nan)
+            else:
+                got = slice_constants(v.tensor, dim)
+            self._known[key] = got
+        return got
+
+    def minmax(self, v: Value) -> tuple[np.ndarray, np.ndarray]:
+        """For a static value of 3+ dims, min and max over all but the first two dims (one pass)."""
+        got = self._blocks.get(v.id)
+        if got is None:
+            assert v.tensor is not None
+            t = _numeric(v.tensor).reshape(v.shape[0], v.shape[1], -1)
+            if t.shape[2] == 0:
+                nan = np.full(v.shape[:2], np.nan)
+                got = (nan, nan)
+            else:
+                lo, hi = torch.aminmax(t, dim=2)
+                got = (lo.double().numpy(), hi.double().numpy())
+            self._blocks[v.id] = got
+        return got
+
+    def set(self, v: Value, dim: int, values: np.ndarray) -> None:
+        """Record the constants of ``v``'s slots along ``dim``."""
+        self._known[(v.id, dim)] = np.asarray(values, dtype=np.float64)
+
+    def whole(self, v: Value) -> float:
+        """The single value every entry of ``v`` holds, or NaN."""
+        if v.tensor is not None and v.tensor.numel() > 0:
+            lo, hi = torch.aminmax(_numeric(v.tensor))
+            return float(lo) if bool(lo == hi) else math.nan
+        return math.nan
+
+
+def _numeric(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+
+def slice_constants(t: torch.Tensor, dim: int) -> np.ndarray:
+    """For each index along ``dim``, the value the whole slice holds, or NaN if it is not constant."""
+    n = t.shape[dim]
+    if t.numel() == 0:
+        return np.full(n, np.nan)
+    m = _numeric(t)
+    if m.ndim == 1:
+        lo = hi = m
+    else:
+        rest = [d for d in range(m.ndim) if d != dim]
+        lo, hi = m.amin(rest), m.amax(rest)
+    lo_np, hi_np = lo.double().numpy(), hi.double().numpy()
+    return np.where(lo_np == hi_np, lo_np, np.nan)
+
+
+Relate = Callable[[Node, Relations], None]
+Transfer = Callable[[Node, Relations, States], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule: how dimensions relate, and optionally how constants flow."""
+
+    relate: Relate
+    transfer: Transfer | None = None
+
+
+_RULES: dict[object, Rule] = {}
+
+
+def register_rule(*ops: object, transfer: Transfer | None = None) -> Callable[[Relate], Relate]:
+    """Register the decorated function as the rule of ``ops`` (aten overload packets or overloads).
+
+    Example:
+        >>> import torch
+        >>> from masksparse.graph.rules import register_rule, rule_for
+        >>> @register_rule(torch.ops.aten.positive)
+        ... def _positive(node, rel):
+        ...     x, out = node.inputs[0], node.outputs[0]
+        ...     for d in range(out.ndim):
+        ...         rel.carry(x, d, out, d)
+        >>> rule_for(torch.ops.aten.positive.default).relate is _positive
+        True
+    """
+
+    def decorate(relate: Relate) -> Relate:
+        for op in ops:
+            _RULES[op] = Rule(relate, transfer)
+        return relate
+
+    return decorate
+
+
+def rule_for(op: torch._ops.OpOverload) -> Rule | None:
+    """The rule registered for ``op`` (the overload, else its packet); torch's own ``pointwise`` tag
+    stands for an elementwise rule."""
+    found = _RULES.get(op) or _RULES.get(op.overloadpacket)
+    if found is None and torch.Tag.pointwise in op.tags:
+        found = _RULES.get("pointwise")
+    return found
+
+
+def registered_ops() -> dict[object, Rule]:
+    """Every operation with a registered rule (overload packets or overloads), and its rule."""
+    return {op: rule for op, rule in _RULES.items() if op != "pointwise"}

@@ -1,0 +1,266 @@
+"""Structured pruning across layers: score whole groups, write torch-style masks on every member.
+
+:func:`prune_channels` traces the model (:func:`masksparse.graph.trace`), scores the units of every
+prunable group with a criterion from :mod:`masksparse.importance`, and masks the chosen units on every
+parameter that owns a slice of them: the producing layer's weight rows and bias, the BatchNorm affine
+parameters, the consumers' input columns, both sides of a residual add. The masked model then computes
+exactly what :func:`masksparse.compaction.compact` will make of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from masksparse import prune
+from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
+from masksparse.graph import Graph, Group, trace
+from masksparse.importance import (
+    Criterion,
+    criterion,
+    is_parameter,
+    per_unit,
+    reduce_slices,
+    shape_of,
+    tensor_of,
+)
+
+__all__ = ["prune_channels"]
+
+
+@dataclass
+class _Candidate:
+    group: Group
+    amount: float | int
+    dead: torch.Tensor  # (size,) bool: already masked on every parameter member
+    scores: torch.Tensor | None = None
+
+
+def _path_of(model: nn.Module, layer: nn.Module | str, what: str) -> str:
+    if isinstance(layer, str):
+        try:
+            model.get_submodule(layer)
+        except AttributeError as exc:
+            raise PruningValueError(f"{what}: the model has no submodule {layer!r}") from exc
+        return layer
+    for path, m in model.named_modules():
+        if m is layer:
+            return path
+    raise PruningValueError(f"{what}: {type(layer).__name__} is not a submodule of the model")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _check_amount(amount: Any, what: str) -> float | int:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise PruningTypeError(f"{what} must be a float in [0, 1] or a non-negative int, got {amount!r}")
+    if isinstance(amount, float) and not 0.0 <= amount <= 1.0:
+        raise PruningValueError(f"{what} must be in [0, 1] when a float, got {amount}")
+    if isinstance(amount, int) and amount < 0:
+        raise PruningValueError(f"{what} must be non-negative when an int, got {amount}")
+    return amount
+
+
+def _producers(group: Group) -> set[str]:
+    """Modules whose outputs the group's units are (a member along dim 0: weight rows, bias, affine)."""
+    return {m.module for m in group.members if m.dim == 0}
+
+
+def _group_amount(group: Group, default: float | int, amounts: dict[str, float | int]) -> float | int:
+    producers = _producers(group)
+    found = {prefix: a for prefix, a in amounts.items() if any(_under(p, prefix) for p in producers)}
+    if len(set(found.values())) > 1:
+        modules = ", ".join(sorted({m.module for m in group.members}))
+        raise PruningValueError(
+            f"amounts gives different amounts {found} to modules that prune together (group of "
+            f"{group.size} units with {modules}); give them one amount"
+        )
+    return next(iter(found.values()), default)
+
+
+def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.members:
+        if not is_parameter(model, m):
+            continue
+        t = tensor_of(model.get_submodule(m.module), m.tensor)
+        if t is not None:
+            alive |= per_unit(m, reduce_slices(t, m.dim, 0), group.size) > 0
+    return ~alive
+
+
+def _candidates(
+    model: nn.Module, graph: Graph, amount: float | int, amounts: dict[str, float | int], ignored: list[str]
+) -> list[_Candidate]:
+    found = []
+    for group in graph.groups:
+        if any(_under(m.module, p) for m in group.members for p in ignored):
+            continue
+        if not any(is_parameter(model, m) for m in group.members):
+            continue
+        unknown = [graph.unknown[u] for u in group.units if u in graph.unknown and u not in graph.fixed]
+        if unknown:
+            node = unknown[0]
+            raise CompactionError(
+                f"{node.op} in module {node.module or '<model>'!r} has no rule and touches the channels of "
+                f"{group.members[0].module}.{group.members[0].tensor}: masksparse cannot tell what pruning "
+                f"them does there. Register a rule (masksparse.graph.register_rule) or list the module in "
+                f"ignored_layers."
+            )
+        if group.prunable:
+            found.append(_Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, group)))
+    return found
+
+
+def _target(amount: float | int, size: int) -> int:
+    return round(amount * size) if isinstance(amount, float) else amount
+
+
+def _cap(size: int, round_to: int | None) -> int:
+    """At most this many units of a group of ``size`` may be pruned: a layer is never emptied."""
+    return max(0, size - max(1, round_to or 1))
+
+
+def _rounded(c: _Candidate, n_dead: int, round_to: int | None) -> int:
+    """Units to leave dead so that the kept count is a multiple of ``round_to`` (rounding kept up)."""
+    if not round_to:
+        return n_dead
+    kept = c.group.size - n_dead
+    kept = min(c.group.size, math.ceil(kept / round_to) * round_to)
+    return max(int(c.dead.sum()), c.group.size - kept)
+
+
+def _select_local(c: _Candidate, round_to: int | None) -> torch.Tensor:
+    size = c.group.size
+    n_dead = min(
+        max(_target(c.amount, size), int(c.dead.sum())), max(_cap(size, round_to), int(c.dead.sum()))
+    )
+    n_dead = _rounded(c, n_dead, round_to)
+    return _lowest(c, n_dead - int(c.dead.sum()))
+
+
+def _lowest(c: _Candidate, n: int) -> torch.Tensor:
+    """The ``n`` lowest-scoring units that are still alive (ties broken by position)."""
+    if n <= 0 or c.scores is None:
+        return torch.zeros(0, dtype=torch.long)
+    alive = torch.nonzero(~c.dead).flatten()
+    order = torch.argsort(c.scores[alive], stable=True)
+    return alive[order[:n]]
+
+
+def _select_global(cands: list[_Candidate], amount: float | int, round_to: int | None) -> list[torch.Tensor]:
+    total = sum(c.group.size for c in cands)
+    target = _target(amount, total) if isinstance(amount, float) else amount
+    already = sum(int(c.dead.sum()) for c in cands)
+    pool = [
+        (float(c.scores[u]), k, int(u))
+        for k, c in enumerate(cands)
+        if c.scores is not None
+        for u in torch.nonzero(~c.dead).flatten()
+    ]
+    pool.sort()
+    chosen: list[list[int]] = [[] for _ in cands]
+    budget = target - already
+    for _, k, u in pool:
+        if budget <= 0:
+            break
+        c = cands[k]
+        if int(c.dead.sum()) + len(chosen[k]) < _cap(c.group.size, round_to):
+            chosen[k].append(u)
+            budget -= 1
+    result = []
+    for c, picked in zip(cands, chosen):
+        n_dead = _rounded(c, int(c.dead.sum()) + len(picked), round_to)
+        result.append(torch.tensor(picked[: max(0, n_dead - int(c.dead.sum()))], dtype=torch.long))
+    return result
+
+
+def _write_masks(model: nn.Module, selections: list[tuple[Group, torch.Tensor]]) -> None:
+    masks: dict[tuple[str, str], torch.Tensor] = {}
+    for group, units in selections:
+        for m in group.members:
+            if not is_parameter(model, m) or len(units) == 0:
+                continue
+            shape = shape_of(model.get_submodule(m.module), m.tensor)
+            assert shape is not None
+            mask = masks.setdefault((m.module, m.tensor), torch.ones(shape, dtype=torch.bool))
+            index = torch.tensor([i for u in units.tolist() for i in m.indices[u]], dtype=torch.long)
+            mask.index_fill_(m.dim, index, False)
+    for (path, name), mask in masks.items():
+        prune.custom_from_mask(model.get_submodule(path), name, mask)
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    amount: float | int,
+    *,
+    importance: str | Criterion = "l1",
+    global_ranking: bool = False,
+    amounts: Mapping[nn.Module | str, float | int] | None = None,
+    ignored_layers: Iterable[nn.Module | str] = (),
+    round_to: int | None = None,
+) -> nn.Module:
+    """Mask the least important channels of every prunable group, on every tensor that owns them.
+
+    Args:
+        model: the model; pruned in place (torch-style ``<name>_orig`` / ``<name>_mask``).
+        example_inputs: a tensor or tuple of positional arguments to trace the model with.
+        amount: per group, the fraction (float in [0, 1]) or number (int) of units to leave pruned,
+            counted against the original size: calling again with the same amount changes nothing,
+            with a larger one prunes up to it. A group always keeps at least one unit.
+        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or ``fn(group, model) -> scores``
+            (see :mod:`masksparse.importance`); the lowest scores are pruned.
+        global_ranking: rank units across all groups at once (``amount`` then applies to the total);
+            groups with their own entry in ``amounts`` are still ranked on their own.
+        amounts: a module (or its path) -> amount for the groups of its output units (the groups
+            where it owns weight rows, bias or affine entries); a container module applies to every
+            module inside it.
+        ignored_layers: modules (or paths) whose tensors are never shrunk: their groups are skipped.
+        round_to: keep a multiple of this many units per group (rounding the kept count up).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        MaskSparseError: an operation without a rule touches a group that would be pruned.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse.structured import prune_channels
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> _ = prune_channels(model, torch.randn(1, 3, 8, 8), 0.5)
+        >>> int((model[0].weight_mask.flatten(1).any(1)).sum()), int(model[3].weight_mask.any(0).sum())
+        (4, 4)
+    """
+    amount = _check_amount(amount, "amount")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    score = criterion(importance)
+    per_module = {
+        _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
+    }
+    ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
+    graph = trace(model, example_inputs)
+    cands = _candidates(model, graph, amount, per_module, ignored)
+    for c in cands:
+        c.scores = score(c.group, model)
+    own = [
+        c
+        for c in cands
+        if not global_ranking or any(_under(m, p) for m in _producers(c.group) for p in per_module)
+    ]
+    shared = [c for c in cands if c not in own]
+    selections = [(c.group, _select_local(c, round_to)) for c in own]
+    if shared:
+        selections += list(zip((c.group for c in shared), _select_global(shared, amount, round_to)))
+    _write_masks(model, selections)
+    return model

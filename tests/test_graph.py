@@ -1,0 +1,447 @@
+"""masksparse.graph: the trace records what ran, rules relate dimensions, groups couple the right slices.
+
+The second half walks the rule registry: small models exercising every registered op are pruned by
+prune_channels and compacted, and must compute exactly what their masked versions compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masksparse.compaction import compact, relative_error
+from masksparse.graph import Graph, Group, register_rule, trace
+from masksparse.graph import rules as rules_module
+from masksparse.graph.record import record
+from masksparse.graph.rules import registered_ops
+from masksparse.structured import prune_channels
+
+
+def _group_with(graph: Graph, module: str, tensor: str, dim: int) -> Group:
+    found = [
+        g
+        for g in graph.groups
+        if any((m.module, m.tensor, m.dim) == (module, tensor, dim) for m in g.members)
+    ]
+    assert len(found) == 1, f"{module}.{tensor} dim {dim} is in {len(found)} groups"
+    return found[0]
+
+
+def _members(group: Group) -> set[tuple[str, str, int]]:
+    return {(m.module, m.tensor, m.dim) for m in group.members}
+
+
+class Branchy(nn.Module):
+    """Python control flow: only the branch the input selects runs, so only it is traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.shape[0] > 2 else self.b(x)
+
+
+def test_trace_records_ops_module_paths_and_parameters() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    t = record(model, torch.randn(1, 1, 4, 4))
+    ops = [(str(n.op), n.module) for n in t.nodes]
+    assert ("aten.convolution.default", "0") in ops
+    assert ("aten.addmm.default", "3") in ops
+    conv = next(n for n in t.nodes if n.module == "0")
+    assert [v.source for v in conv.inputs[1:]] == [("0", "weight"), ("0", "bias")]
+    assert t.module_outputs["3"] is t.outputs[0]
+    assert t.inputs[0].shape == (1, 1, 4, 4)
+
+
+def test_trace_follows_python_control_flow() -> None:
+    model = Branchy()
+    assert {n.module for n in record(model, torch.randn(3, 4)).nodes} == {"a"}
+    assert {n.module for n in record(model, torch.randn(1, 4)).nodes} == {"b"}
+
+
+def test_trace_changes_nothing_and_restores_training_mode() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trace(model, torch.randn(2, 3, 6, 6))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_conv_bn_relu_chain_is_one_group() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    graph = trace(model, torch.randn(1, 3, 8, 8))
+    group = _group_with(graph, "0", "weight", 0)
+    assert group.prunable and group.size == 8
+    assert _members(group) == {
+        ("0", "weight", 0), ("0", "bias", 0), ("1", "weight", 0), ("1", "bias", 0),
+        ("1", "running_mean", 0), ("1", "running_var", 0), ("3", "weight", 1),
+    }  # fmt: skip
+    assert all(m.indices == tuple((i,) for i in range(8)) for m in group.members)
+    assert not _group_with(graph, "0", "weight", 1).prunable  # the model input's channels
+    assert "model output" in _group_with(graph, "3", "weight", 0).reason
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.bn(self.branch(F.relu(y)))
+        return self.head(F.relu(y))
+
+
+def test_residual_add_couples_both_sides() -> None:
+    graph = trace(Residual(), torch.randn(1, 3, 5, 5))
+    group = _group_with(graph, "stem", "weight", 0)
+    assert {
+        ("branch", "weight", 0),
+        ("branch", "weight", 1),
+        ("bn", "weight", 0),
+        ("head", "weight", 1),
+    } <= _members(group)
+    assert group.size == 6 and group.prunable
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(3, 4, 1)
+        self.right = nn.Conv2d(3, 5, 1)
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.left(x), self.right(x)], dim=1))
+
+
+def test_concat_ties_each_input_at_its_offset() -> None:
+    graph = trace(Concat(), torch.randn(1, 3, 4, 4))
+    left, right = _group_with(graph, "left", "weight", 0), _group_with(graph, "right", "weight", 0)
+    head_of = {g: next(m for m in g.members if m.module == "head") for g in (left, right)}
+    assert head_of[left].indices == tuple((i,) for i in range(4))
+    assert head_of[right].indices == tuple((4 + i,) for i in range(5))
+
+
+def test_flatten_into_linear_maps_a_channel_to_a_block_of_features() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    graph = trace(model, torch.randn(2, 1, 5, 5))
+    group = _group_with(graph, "0", "weight", 0)
+    fc = next(m for m in group.members if m.module == "3")
+    assert fc.dim == 1 and fc.indices == tuple(tuple(range(9 * c, 9 * c + 9)) for c in range(4))
+
+
+def test_linear_on_a_sequence_is_traced_through_its_reshapes() -> None:
+    model = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6))
+    graph = trace(model, torch.randn(2, 7, 6))
+    group = _group_with(graph, "0", "weight", 0)
+    assert group.prunable and _members(group) == {("0", "weight", 0), ("0", "bias", 0), ("2", "weight", 1)}
+
+
+def test_layer_norm_dims_are_kept_with_the_reason() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    group = _group_with(trace(model, torch.randn(2, 6)), "0", "weight", 0)
+    assert not group.prunable and "native_layer_norm" in group.reason
+
+
+def test_grouped_conv_keeps_outputs_and_depthwise_conv_passes_channels() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=2))
+    graph = trace(model, torch.randn(1, 4, 9, 9))
+    unit = _group_with(graph, "0", "weight", 0)
+    assert {("1", "weight", 0), ("2", "weight", 1)} <= _members(unit)
+    # The grouped conv (2 groups of 4) reads column j in both groups: channels j and 4 + j go together.
+    assert unit.prunable and unit.size == 4
+    assert next(m for m in unit.members if m.module == "1").indices == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert "grouped" in _group_with(graph, "2", "weight", 0).reason
+
+
+def test_slice_along_channels_blocks_them() -> None:
+    class Slicer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)[:, :4].sum()
+
+    group = _group_with(trace(Slicer(), torch.randn(1, 3, 2, 2)), "conv", "weight", 0)
+    assert not group.prunable and "sliced" in group.reason
+
+
+class Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(self.a(x), dim=1))
+
+
+def test_an_op_without_a_rule_is_named_on_the_groups_it_touches() -> None:
+    graph = trace(Cumsum(), torch.randn(1, 3, 2, 2))
+    group = _group_with(graph, "a", "weight", 0)
+    assert not group.prunable and "aten.cumsum" in group.reason and "has no rule" in group.reason
+    assert "ops without a rule" in repr(graph)
+
+
+@pytest.fixture
+def restore_rules() -> Iterator[None]:
+    saved = dict(rules_module._RULES)
+    yield
+    rules_module._RULES.clear()
+    rules_module._RULES.update(saved)
+
+
+def test_register_rule_teaches_a_new_op(restore_rules: None) -> None:
+    @register_rule(torch.ops.aten.cumsum)
+    def _cumsum(node, rel):  # type: ignore[no-untyped-def]
+        x, out = node.inputs[0], node.outputs[0]
+        for d in range(x.ndim):
+            rel.tie(x, d, out, d)
+        rel.block(x, node.args[1], "a running sum mixes its dimension")
+
+    group = _group_with(trace(Cumsum(), torch.randn(1, 3, 2, 2)), "a", "weight", 0)
+    assert not group.prunable and group.reason == "a running sum mixes its dimension"
+
+
+# ----------------------------------------------------------------------------- every rule, exercised
+
+
+def _seq(*mid: nn.Module, c_in: int = 3, c: int = 8, c_out: int = 4) -> nn.Sequential:
+    """conv 1x1 (c_in -> c) -> mid -> conv 1x1 (c -> c_out): the middle decides what is exact."""
+    return nn.Sequential(nn.Conv2d(c_in, c, 1), *mid, nn.Conv2d(c, c_out, 1))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features) and an attention-like bmm over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 12)
+        self.down = nn.Linear(12, 6, bias=False)
+        self.q, self.k = nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(F.gelu(self.up(x)))
+        scores = torch.softmax(torch.bmm(self.q(h), self.k(h).transpose(1, 2)), dim=-1)
+        return torch.bmm(scores, h)
+
+
+class Permuted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1).contiguous()
+        y = y.view(-1, y.shape[-1])  # sizes read off the tensor, so they follow the compaction
+        return self.fc(F.relu(y)).unsqueeze(0).squeeze(0)
+
+
+class Pieces(nn.Module):
+    """Slicing, splitting, selecting and padding along channels: all keep the channels whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a, b = torch.split(y, 4, dim=1)
+        c = F.pad(y[:, 2:6], (1, 1)) [..., 1:-1] + a + b.select(1, 0).unsqueeze(1)  # fmt: skip
+        return self.head(c) + torch.cat(list(torch.chunk(y, 2, 1)), 1).sum(1, keepdim=True)
+
+
+class Summed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).sum(1) + self.conv(x).amax((2, 3), keepdim=True).mean(1, keepdim=True)
+
+
+class Expanded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y * self.scale.expand(y.shape[0], -1, -1, -1) - torch.zeros_like(y))
+
+
+class Shifted(nn.Module):
+    """Swin-style pieces: a roll over space, a bias table indexed by a buffer, a tensor made in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.table = nn.Parameter(torch.randn(5, 8))
+        self.register_buffer("idx", torch.tensor([0, 4, 2, 1, 3, 0, 1, 2]))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.roll(self.conv(x), 1, dims=(2,))
+        y = y + self.table[self.idx].t()[None, :, None, :]
+        return self.head(y * y.new_zeros(1).fill_(2.0))
+
+
+class Embedded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.embed(x))).sum(1)
+
+
+def _layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x.transpose(1, 3), (x.shape[1],)).transpose(1, 3)
+
+
+def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]:
+    """name -> (model factory, input shape, whether compaction must shrink it)."""
+    acts = {
+        "relu": nn.ReLU(), "relu6": nn.ReLU6(inplace=True), "silu": nn.SiLU(), "gelu": nn.GELU(),
+        "hardswish": nn.Hardswish(inplace=True), "hardsigmoid": nn.Hardsigmoid(), "sigmoid": nn.Sigmoid(),
+        "tanh": nn.Tanh(), "leaky_relu": nn.LeakyReLU(0.1), "elu": nn.ELU(), "prelu": nn.PReLU(8),
+        "mish": nn.Mish(), "dropout": nn.Dropout(0.3), "identity": nn.Identity(),
+    }  # fmt: skip
+    cases: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
+        f"act_{k}": (lambda a=a: _seq(a), (2, 3, 5, 5), True) for k, a in acts.items()
+    }
+    img = (2, 3, 8, 8)
+    cases.update(
+        maxpool=(lambda: _seq(nn.MaxPool2d(3, 2, 1)), img, True),
+        avgpool_padded=(lambda: _seq(nn.AvgPool2d(3, 1, 1)), img, True),
+        adaptive=(lambda: _seq(nn.AdaptiveAvgPool2d(2), nn.AdaptiveMaxPool2d(1)), img, True),
+        upsample=(lambda: _seq(nn.Upsample(scale_factor=2), nn.Upsample(scale_factor=2, mode="bilinear")),
+                  img, True),
+        batchnorm=(lambda: _seq(nn.BatchNorm2d(8), nn.ReLU()), img, True),
+        groupnorm=(lambda: _seq(nn.GroupNorm(2, 8)), img, False),
+        instancenorm=(lambda: _seq(nn.InstanceNorm2d(8, affine=True)), img, False),
+        layernorm_channels=(lambda: _seq(Lambda(_layer_norm_channels)), img, False),
+        softmax_channels=(lambda: _seq(nn.Softmax(dim=1)), img, False),
+        conv_grouped=(lambda: _seq(nn.Conv2d(8, 8, 3, padding=1, groups=2)), img, True),
+        conv_depthwise_x2=(lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, groups=8), nn.ReLU(),
+                                                 nn.Conv2d(16, 4, 1)), img, True),
+        conv_transposed=(lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, 2),
+                                               nn.ReLU(), nn.Conv2d(6, 2, 1)), img, True),
+        conv1d=(lambda: nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+                                      nn.Conv1d(8, 2, 1)), (2, 3, 9), True),
+        conv3d=(lambda: nn.Sequential(nn.Conv3d(3, 8, 1), nn.ReLU(), nn.AvgPool3d(2), nn.Conv3d(8, 2, 1)),
+                (1, 3, 4, 4, 4), True),
+        squeeze_excite=(SqueezeExcite, img, True),
+        tokens=(Tokens, (2, 5, 6), True),
+        permuted=(Permuted, (1, 3, 4, 4), True),
+        pieces=(Pieces, img, False),
+        summed=(Summed, img, False),
+        expanded=(Expanded, img, True),
+        shifted=(Shifted, img, True),
+        embedding=(Embedded, (2, 5), True),
+        batchnorm1d_linear=(lambda: nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(),
+                                                  nn.Linear(10, 3, bias=False)), (4, 6), True),
+    )  # fmt: skip
+    return cases
+
+
+CASES = _cases()
+# Registered ops that the cases above do not reach, and why that is acceptable.
+NOT_EXERCISED = {
+    # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,
+    # composite ops that reach the dispatcher already decomposed)
+    "reshape", "flatten", "alias", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
+    "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes", "unbind",
+    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
+    "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "empty_like", "full_like",
+    "rand_like",
+    "amin", "max", "min", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "avg_pool1d",
+    "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+    "adaptive_max_pool3d", "max_pool3d_with_indices", "upsample_nearest1d", "upsample_nearest3d",
+    "_upsample_nearest_exact2d", "upsample_linear1d", "upsample_bicubic2d", "upsample_trilinear3d",
+    "hardswish", "fill", "new_empty", "new_full", "new_ones",
+}  # fmt: skip
+
+
+def _name(op: object) -> str:
+    return str(op).split(".")[1] if str(op).startswith("aten.") else str(op)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prune_and_compact_is_exact(name: str) -> None:
+    factory, shape, shrinks = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randint(0, 10, shape) if name == "embedding" else torch.randn(*shape)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    with torch.no_grad():
+        assert relative_error(model(x), small(x)) <= 1e-5
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in small.parameters())
+    assert (after < before) == shrinks, f"{name}: {before} -> {after} parameters"
+
+
+def test_every_registered_rule_is_exercised() -> None:
+    seen = set()
+    for factory, shape, _ in CASES.values():
+        torch.manual_seed(0)
+        x = torch.randint(0, 10, shape) if factory is Embedded else torch.randn(*shape)
+        seen |= {_name(n.op.overloadpacket) for n in record(factory().eval(), x).nodes}
+    registered = {
+        _name(getattr(op, "overloadpacket", op))
+        for op, rule in registered_ops().items()
+        if rule.relate.__module__
+        in ("masksparse.graph.layout", "masksparse.graph.layers")  # not users' rules
+    }
+    missing = registered - seen - NOT_EXERCISED
+    assert not missing, f"registered rules no test case reaches: {sorted(missing)}"
+    stale = NOT_EXERCISED & seen
+    assert not stale, f"listed as not exercised but reached: {sorted(stale)}"
+
+
+def test_every_registered_slicer_is_exercised() -> None:
+    from masksparse.compaction import _SLICERS
+
+    modules = [m for factory, _, _ in CASES.values() for m in factory().modules()]
+    missing = [t.__name__ for t in _SLICERS if not any(isinstance(m, t) for m in modules)]
+    assert not missing, f"slicers no test case reaches: {missing}"
