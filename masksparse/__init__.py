@@ -21,7 +21,15 @@ from masksparse._errors import (
 from masksparse.compaction import Plan, compact, plan_compaction
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
-from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
+from masksparse.report import (
+    LayerComparison,
+    ReportComparison,
+    ReportRow,
+    ReportTotal,
+    SparsityReport,
+    compare_reports,
+    sparsity_report,
+)
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 from masksparse.structured import prune_channels
 
@@ -30,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompactionError",
     "Graph",
+    "LayerComparison",
     "MaskSparseError",
     "MissingDependencyError",
     "Plan",
@@ -37,6 +46,7 @@ __all__ = [
     "PruningIndexError",
     "PruningTypeError",
     "PruningValueError",
+    "ReportComparison",
     "ReportRow",
     "ReportTotal",
     "ShapeMismatchError",
@@ -44,6 +54,7 @@ __all__ = [
     "StateDictError",
     "__version__",
     "compact",
+    "compare_reports",
     "load_state_dict",
     "plan_compaction",
     "prune",

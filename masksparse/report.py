@@ -4,23 +4,36 @@ A report reads tensors and masks only. For a pruned tensor it multiplies ``<name
 ``<name>_mask`` itself, so the numbers are right even when no forward pass (and so no forward pre-hook)
 has run since the last optimizer step, and they are the same for a model and for its state_dict.
 
+Given example inputs, a report also counts multiply-accumulates (MACs) per layer by running the model
+once (see :func:`sparsity_report`), and :func:`compare_reports` sets two reports side by side, e.g. of a
+model before and after compaction.
+
 Rows and the total are frozen dataclasses; what a table shows is defined once, in ``_COLUMNS``, so a new
 per-tensor quantity is a new field with a default plus one entry there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tabulate import SEPARATING_LINE, tabulate
 from torch import Tensor, nn
 
 from masksparse._errors import PruningTypeError, ShapeMismatchError
+from masksparse._macs import count_uses
 
-__all__ = ["ReportRow", "ReportTotal", "SparsityReport", "sparsity_report"]
+__all__ = [
+    "LayerComparison",
+    "ReportComparison",
+    "ReportRow",
+    "ReportTotal",
+    "SparsityReport",
+    "compare_reports",
+    "sparsity_report",
+]
 
 _ORIG, _MASK = "_orig", "_mask"
 
@@ -52,6 +65,10 @@ class ReportRow:
             A slice without entries counts as zero.
         zero_slices_dim1: the same for the slices ``t[:, j]`` (dead input channels); ``None`` for
             tensors with fewer than 2 dimensions.
+        macs: multiply-accumulates of the layer owning this weight on the report's example inputs, at
+            its current shape (zeros counted); ``None`` without example inputs, for biases and other
+            tensors, and for layers that are not convolutions or Linear or did not run.
+        effective_macs: the MACs that multiply a nonzero weight entry: ``macs * nonzero / numel``.
     """
 
     name: str
@@ -62,6 +79,8 @@ class ReportRow:
     masked: bool
     zero_slices_dim0: int | None
     zero_slices_dim1: int | None
+    macs: int | None = None
+    effective_macs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", _fraction_zero(self.numel, self.nonzero))
@@ -79,11 +98,15 @@ class ReportTotal:
         numel: entries in all reported tensors.
         nonzero: nonzero entries in all reported tensors.
         sparsity: fraction of all entries that are zero; 0 when there are none.
+        macs: the sum of the rows' MACs; ``None`` when no row has MACs (no example inputs).
+        effective_macs: the sum of the rows' effective MACs; ``None`` like ``macs``.
     """
 
     numel: int
     nonzero: int
     sparsity: float = field(init=False)
+    macs: int | None = None
+    effective_macs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", _fraction_zero(self.numel, self.nonzero))
@@ -98,6 +121,10 @@ def _percent(fraction: float) -> str:
     return f"{fraction:.2%}"
 
 
+def _count(value: int | None) -> str:
+    return "" if value is None else f"{value:,}"
+
+
 def _slices(row: ReportRow, dim: int) -> str:
     count = row.zero_slices_dim0 if dim == 0 else row.zero_slices_dim1
     return "" if count is None else f"{count:,}/{row.shape[dim]:,}"
@@ -109,6 +136,7 @@ class _Column:
     cell: Callable[[ReportRow], str]
     total: Callable[[ReportTotal], str]
     align: Literal["left", "right"]
+    macs: bool = False  # shown only when the report has MACs
 
 
 # The one place that says what a table shows; text, markdown and HTML all render these.
@@ -121,11 +149,56 @@ _COLUMNS: tuple[_Column, ...] = (
     _Column("masked", lambda r: "yes" if r.masked else "", lambda t: "", "left"),
     _Column("zero dim0", lambda r: _slices(r, 0), lambda t: "", "right"),
     _Column("zero dim1", lambda r: _slices(r, 1), lambda t: "", "right"),
+    _Column("MACs", lambda r: _count(r.macs), lambda t: _count(t.macs), "right", macs=True),
+    _Column(
+        "effective MACs",
+        lambda r: _count(r.effective_macs),
+        lambda t: _count(t.effective_macs),
+        "right",
+        True,
+    ),
 )
 
 
+def _sum(values: Iterator[int | None]) -> int | None:
+    known = [value for value in values if value is not None]
+    return sum(known) if known else None
+
+
+class _Table:
+    """Plain text, Markdown and HTML renderings of a table whose last row is a total."""
+
+    def _cells(self, total_label: str) -> tuple[list[str], list[str], list[list[str]]]:
+        """Headers, alignments, and the rows with the total last."""
+        raise NotImplementedError
+
+    def _table(self, tablefmt: str, total_label: str, separate_total: bool) -> str:
+        headers, aligns, body = self._cells(total_label)
+        rows: list[object] = list(body)
+        if separate_total and len(rows) > 1:
+            rows.insert(-1, SEPARATING_LINE)
+        return tabulate(
+            rows,
+            headers=headers,
+            tablefmt=tablefmt,
+            colalign=aligns,
+            disable_numparse=True,  # cells are formatted already ("1,024", "50.00%")
+        )
+
+    def __str__(self) -> str:
+        table = self._table("simple", "total", separate_total=True)
+        return "\n".join(line.rstrip() for line in table.splitlines())  # blank last cells pad lines
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        # Jupyter calls this; tabulate's "html" format escapes the cells.
+        return self._table("html", "total", separate_total=False)
+
+
 @dataclass(frozen=True, repr=False)
-class SparsityReport:
+class SparsityReport(_Table):
     """Per-tensor sparsity of a model or state_dict, with a total; prints as a table.
 
     Build one with :func:`sparsity_report`. ``str()`` gives a plain-text table whose last line is the
@@ -152,7 +225,9 @@ class SparsityReport:
         object.__setattr__(self, "rows", tuple(self.rows))
         numel = sum(row.numel for row in self.rows)
         nonzero = sum(row.nonzero for row in self.rows)
-        object.__setattr__(self, "total", ReportTotal(numel=numel, nonzero=nonzero))
+        macs = _sum(row.macs for row in self.rows)
+        effective = _sum(row.effective_macs for row in self.rows)
+        object.__setattr__(self, "total", ReportTotal(numel, nonzero, macs=macs, effective_macs=effective))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,24 +243,11 @@ class SparsityReport:
         known = ", ".join(row.name for row in self.rows[:8]) + (", ..." if len(self.rows) > 8 else "")
         raise KeyError(f"no tensor {name!r} in this report; its tensors are: {known or 'none'}")
 
-    def _table(self, tablefmt: str, total_label: str, separate_total: bool) -> str:
-        body: list[object] = [[column.cell(row) for column in _COLUMNS] for row in self.rows]
-        if separate_total and self.rows:
-            body.append(SEPARATING_LINE)
-        body.append([total_label] + [column.total(self.total) for column in _COLUMNS[1:]])
-        return tabulate(
-            body,
-            headers=[column.header for column in _COLUMNS],
-            tablefmt=tablefmt,
-            colalign=[column.align for column in _COLUMNS],
-            disable_numparse=True,  # cells are formatted already ("1,024", "50.00%")
-        )
-
-    def __str__(self) -> str:
-        table = self._table("simple", "total", separate_total=True)
-        return "\n".join(line.rstrip() for line in table.splitlines())  # blank last cells pad lines
-
-    __repr__ = __str__
+    def _cells(self, total_label: str) -> tuple[list[str], list[str], list[list[str]]]:
+        columns = [column for column in _COLUMNS if not column.macs or self.total.macs is not None]
+        body = [[column.cell(row) for column in columns] for row in self.rows]
+        body.append([total_label] + [column.total(self.total) for column in columns[1:]])
+        return [column.header for column in columns], [column.align for column in columns], body
 
     def to_markdown(self) -> str:
         """The report as a Markdown (pipe) table whose last row, in bold, is the total.
@@ -196,10 +258,6 @@ class SparsityReport:
             True
         """
         return self._table("pipe", "**total**", separate_total=False)
-
-    def _repr_html_(self) -> str:
-        # Jupyter calls this; tabulate's "html" format escapes the cells.
-        return self._table("html", "total", separate_total=False)
 
 
 def _join(prefix: str, attr: str) -> str:
@@ -261,27 +319,42 @@ def _zero_slices(nonzero: Tensor, dim: int) -> int | None:
     return int((~alive).sum())
 
 
-def _row(name: str, tensor: Tensor, masked: bool) -> ReportRow:
+def _row(name: str, tensor: Tensor, masked: bool, uses: int | None) -> ReportRow:
     nonzero = tensor != 0
+    count = int(nonzero.sum())
     return ReportRow(
         name=name,
         shape=tuple(tensor.shape),
         numel=tensor.numel(),
-        nonzero=int(nonzero.sum()),
+        nonzero=count,
         masked=masked,
         zero_slices_dim0=_zero_slices(nonzero, 0),
         zero_slices_dim1=_zero_slices(nonzero, 1),
+        macs=None if uses is None else uses * tensor.numel(),
+        effective_macs=None if uses is None else uses * count,
     )
 
 
-def sparsity_report(source: nn.Module | Mapping[str, Tensor]) -> SparsityReport:
-    """Count the zero entries of every weight and bias tensor of a model or a state_dict.
+def sparsity_report(
+    source: nn.Module | Mapping[str, Tensor], example_inputs: Tensor | Sequence[Any] | None = None
+) -> SparsityReport:
+    """Count the zero entries of every weight and bias tensor of a model or a state_dict, and the MACs.
 
     A pruned tensor (``<name>_orig`` with a ``<name>_mask``, float or bool, as written by
     ``torch.nn.utils.prune`` or ``masksparse.prune``) is reported under ``<name>`` with the values
     ``orig * mask``, computed here rather than read from the module, so no forward pass is needed.
 
+    With ``example_inputs`` the model runs once on them, in eval mode and without gradients, and each
+    convolution (1d, 2d, 3d, grouped, transposed) and Linear layer counts its multiply-accumulates
+    (MACs) on the weight's row: ``macs`` at the layer's current shape, zeros included, and
+    ``effective_macs`` only for the weight's nonzero entries. A layer called twice counts twice.
+    Other layers with a weight (norms, embeddings, attention's packed projections) and any layer whose
+    forward did not run (an unused branch, or ``MultiheadAttention.out_proj``, whose weight its parent
+    reads directly) get ``None``; biases are not counted. Afterwards the model is as it was: every
+    module's training mode, and for torch-pruned modules even the cached ``module.<name>``.
+
     Example:
+        >>> import torch
         >>> from torch import nn
         >>> from masksparse import prune
         >>> from masksparse.report import sparsity_report
@@ -292,18 +365,24 @@ def sparsity_report(source: nn.Module | Mapping[str, Tensor]) -> SparsityReport:
         (4, True)
         >>> report.total.numel, report.total.nonzero
         (10, 6)
+        >>> report = sparsity_report(layer, torch.randn(3, 4))  # 3 rows x 4 inputs x 2 outputs
+        >>> report["weight"].macs, report["weight"].effective_macs, report["bias"].macs
+        (24, 12, None)
 
     Args:
         source: a module, whose every parameter is a row; or a state_dict (a mapping from names to
             tensors, e.g. loaded from a file), whose rows are the tensors whose last name component
             starts or ends with ``weight`` or ``bias`` and every masked tensor. Buffers such as
             ``running_mean`` are not rows of a state_dict.
+        example_inputs: a tensor, or a tuple of the model's positional arguments, to count MACs on
+            (``source`` must then be a module); ``None`` counts none.
 
     Returns:
         The :class:`SparsityReport`, rows in state_dict order.
 
     Raises:
-        PruningTypeError: ``source`` is neither a module nor a mapping with str keys.
+        PruningTypeError: ``source`` is neither a module nor a mapping with str keys, or
+            ``example_inputs`` come with a state_dict or are neither a tensor nor a tuple.
         ShapeMismatchError: a mask's shape differs from its tensor's.
     """
     tensors: Iterator[tuple[str, Tensor, bool]]
@@ -316,5 +395,199 @@ def sparsity_report(source: nn.Module | Mapping[str, Tensor]) -> SparsityReport:
             f"sparsity_report reads an nn.Module or a state_dict (a mapping from names to tensors); "
             f"got {type(source).__name__}"
         )
+    uses: dict[str, int] = {}
+    if example_inputs is not None:
+        if not isinstance(source, nn.Module):
+            raise PruningTypeError(
+                f"MACs are counted by running a model: pass the nn.Module, not a {type(source).__name__}, "
+                "with example_inputs (a state_dict can be reported without them)"
+            )
+        # keyed by the weight's row name: conv1.weight, also when stored as conv1.weight_orig
+        uses = {_join(path, "weight"): n for path, n in count_uses(source, example_inputs).items()}
     with torch.no_grad():
-        return SparsityReport(tuple(_row(name, tensor, masked) for name, tensor, masked in tensors))
+        return SparsityReport(
+            tuple(_row(name, tensor, masked, uses.get(name)) for name, tensor, masked in tensors)
+        )
+
+
+_Quantity = Literal["params", "macs", "effective_macs"]
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """One layer (or the total) in two reports: parameters and MACs before and after.
+
+    Example:
+        >>> from masksparse.report import LayerComparison
+        >>> layer = LayerComparison("fc", params_before=40, params_after=10)
+        >>> layer.ratio("params"), layer.ratio("macs")
+        (0.25, None)
+
+    Attributes:
+        name: the module path (``""`` for the model's own parameters), or ``"total"``.
+        params_before: entries of the layer's reported tensors before (zeros included); ``None`` when
+            the layer is missing from that report. ``params_after`` likewise.
+        macs_before: the layer's MACs before; ``None`` when missing or not counted. ``macs_after``
+            likewise, and ``effective_macs_before`` / ``effective_macs_after`` for effective MACs.
+    """
+
+    name: str
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    effective_macs_before: int | None = None
+    effective_macs_after: int | None = None
+
+    def ratio(self, quantity: _Quantity) -> float | None:
+        """``after / before`` of ``"params"``, ``"macs"`` or ``"effective_macs"``; None if either is
+        unknown or before is 0."""
+        before, after = getattr(self, f"{quantity}_before"), getattr(self, f"{quantity}_after")
+        return None if before is None or after is None or before == 0 else after / before
+
+
+def _change(layer: LayerComparison, quantity: _Quantity) -> str:
+    values = [getattr(layer, f"{quantity}_{side}") for side in ("before", "after")]
+    present = [layer.params_before is not None, layer.params_after is not None]
+    if values == [None, None] and all(present):
+        return ""  # a layer without MACs (a norm, a bias-only module)
+    sides = (f"{v:,}" if v is not None else "-" if p else "missing" for v, p in zip(values, present))
+    return " -> ".join(sides)
+
+
+def _ratio(layer: LayerComparison, quantity: _Quantity) -> str:
+    ratio = layer.ratio(quantity)
+    return "" if ratio is None else f"{ratio:.3g}x"
+
+
+_Cell = Callable[[LayerComparison], str]
+
+
+def _quantity_columns(header: str, quantity: _Quantity) -> list[tuple[str, _Cell]]:
+    return [(header, lambda c: _change(c, quantity)), ("ratio", lambda c: _ratio(c, quantity))]
+
+
+def _comparison_columns(macs: bool) -> list[tuple[str, _Cell]]:
+    columns = [("layer", lambda c: c.name or "<model>"), *_quantity_columns("params", "params")]
+    if macs:
+        columns += _quantity_columns("MACs", "macs") + _quantity_columns("effective MACs", "effective_macs")
+    return columns
+
+
+@dataclass(frozen=True, repr=False)
+class ReportComparison(_Table):
+    """Two sparsity reports side by side, layer by layer and in total; prints as a table.
+
+    Build one with :func:`compare_reports`. ``str()`` gives a plain-text table, :meth:`to_markdown` a
+    Markdown one, and Jupyter shows HTML. MACs columns appear when either report has MACs.
+
+    Example:
+        >>> from masksparse.report import ReportRow, SparsityReport, compare_reports
+        >>> before = SparsityReport((ReportRow("fc.weight", (4, 2), 8, 4, True, 2, 0, 24, 12),))
+        >>> after = SparsityReport((ReportRow("fc.weight", (2, 2), 4, 4, False, 0, 0, 12, 12),))
+        >>> print(compare_reports(before, after))
+        layer      params    ratio      MACs    ratio    effective MACs    ratio
+        -------  --------  -------  --------  -------  ----------------  -------
+        fc         8 -> 4     0.5x  24 -> 12     0.5x          12 -> 12       1x
+        -------  --------  -------  --------  -------  ----------------  -------
+        total      8 -> 4     0.5x  24 -> 12     0.5x          12 -> 12       1x
+
+    Attributes:
+        layers: one :class:`LayerComparison` per layer, in the first report's order, then the layers
+            only the second report has.
+        total: the :class:`LayerComparison` of the reports' totals, named ``"total"``.
+    """
+
+    layers: tuple[LayerComparison, ...]
+    total: LayerComparison
+
+    def __getitem__(self, name: str) -> LayerComparison:
+        """The comparison of the layer at module path ``name``."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(
+            f"no layer {name!r} in this comparison; its layers are: "
+            + ", ".join(layer.name for layer in self.layers)
+        )
+
+    def _cells(self, total_label: str) -> tuple[list[str], list[str], list[list[str]]]:
+        columns = _comparison_columns(self.total.macs_before is not None or self.total.macs_after is not None)
+        body = [[cell(layer) for _, cell in columns] for layer in self.layers]
+        body.append([total_label] + [cell(self.total) for _, cell in columns[1:]])
+        return [header for header, _ in columns], ["left"] + ["right"] * (len(columns) - 1), body
+
+    def to_markdown(self) -> str:
+        """The comparison as a Markdown (pipe) table whose last row, in bold, is the total.
+
+        Example:
+            >>> from masksparse.report import SparsityReport, compare_reports
+            >>> compare_reports(SparsityReport(()), SparsityReport(())).to_markdown().splitlines()[0]
+            '| layer   |   params |   ratio |'
+        """
+        return self._table("pipe", "**total**", separate_total=False)
+
+
+def _layers(report: SparsityReport) -> dict[str, tuple[int, int | None, int | None]]:
+    """Module path -> (parameters, MACs, effective MACs) summed over the path's rows."""
+    rows: dict[str, list[ReportRow]] = {}
+    for row in report.rows:
+        rows.setdefault(row.name.rpartition(".")[0], []).append(row)
+    return {
+        path: (
+            sum(row.numel for row in group),
+            _sum(row.macs for row in group),
+            _sum(row.effective_macs for row in group),
+        )
+        for path, group in rows.items()
+    }
+
+
+def compare_reports(before: SparsityReport, after: SparsityReport) -> ReportComparison:
+    """Parameters and MACs (dense and effective) of two reports side by side, with ratios.
+
+    Meant for a model before and after :func:`masksparse.compact` (report both on the same example
+    inputs), but any two reports compare: layers are matched by module path, and a layer that only one
+    report has shows ``missing`` on the other side.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse import compact, prune
+        >>> from masksparse.report import compare_reports, sparsity_report
+        >>> model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> _ = prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
+        >>> x = torch.randn(5, 8)
+        >>> comparison = compare_reports(sparsity_report(model, x), sparsity_report(compact(model, x), x))
+        >>> comparison["0"].macs_before, comparison["0"].macs_after, comparison["0"].effective_macs_before
+        (240, 120, 120)
+        >>> comparison.total.params_before, comparison.total.params_after
+        (68, 35)
+
+    Args:
+        before: the first report, e.g. of the masked model.
+        after: the second report, e.g. of the compacted model.
+
+    Returns:
+        The :class:`ReportComparison`; ``print`` it, or read its numbers.
+
+    Raises:
+        PruningTypeError: either argument is not a :class:`SparsityReport`.
+    """
+    for label, report in (("before", before), ("after", after)):
+        if not isinstance(report, SparsityReport):
+            raise PruningTypeError(
+                f"compare_reports compares two SparsityReports (from sparsity_report); {label} is a "
+                f"{type(report).__name__}"
+            )
+    old, new = _layers(before), _layers(after)
+    missing = (None, None, None)
+    layers = tuple(
+        LayerComparison(
+            path, *(value for pair in zip(old.get(path, missing), new.get(path, missing)) for value in pair)
+        )
+        for path in [*old, *(path for path in new if path not in old)]
+    )
+    b, a = before.total, after.total
+    total = LayerComparison("total", b.numel, a.numel, b.macs, a.macs, b.effective_macs, a.effective_macs)
+    return ReportComparison(layers, total)
