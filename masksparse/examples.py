@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 import torch
@@ -27,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from masksparse._errors import StateDictError
+from masksparse._errors import CompactionError, StateDictError
 
 __all__ = ["LeNet", "evaluate", "load_digits", "run_demo", "train"]
 
 _IMAGE_SIZE = 28
+_LATENCY_BATCH = 256
 
 
 class LeNet(nn.Module):
@@ -259,14 +261,16 @@ def _prune_and_finetune(
     data: tuple[TensorDataset, TensorDataset],
     *,
     amount: float,
-    fc1_rows: float,
+    rows: float,
+    channels: float,
     epochs: int,
     seed: int,
     stream: TextIO,
 ) -> dict[str, float]:
-    """Stage 2: global L1 pruning of every weight, whole fc1 rows by L2 norm, then fine-tuning."""
+    """Stage 2: global L1 pruning of every weight, whole rows and channels, then fine-tuning."""
     from masksparse import prune
     from masksparse.report import sparsity_report
+    from masksparse.structured import prune_channels
 
     train_set, test_set = data
     layers = [model.conv1, model.conv2, model.fc1, model.fc2, model.fc3]
@@ -275,8 +279,13 @@ def _prune_and_finetune(
         pruning_method=prune.L1Unstructured,
         amount=amount,
     )
-    # Whole rows (fc1's output neurons) are what a compaction can remove to make fc1 genuinely smaller.
-    prune.ln_structured(model.fc1, "weight", amount=fc1_rows, n=2, dim=0)
+    # Whole rows (output neurons) and channels are what compaction can remove to make layers smaller.
+    prune.ln_structured(model.fc1, "weight", amount=rows, n=2, dim=0)
+    prune.ln_structured(model.fc2, "weight", amount=rows, n=2, dim=0)
+    # A conv channel also feeds the next layer's input and owns a bias: prune_channels masks them together.
+    # Amount 0 for the groups of fc1 and fc2, whose rows are pruned above already.
+    conv_amounts: dict[nn.Module | str, float | int] = {"conv1": channels, "conv2": channels}
+    prune_channels(model, test_set.tensors[0][:2], 0.0, amounts=conv_amounts)
     numbers = {"sparsity": _weight_sparsity(model), "pruned_accuracy": evaluate(model, test_set)}
     print(f"\npruned: {numbers['sparsity']:.1%} of the conv and linear weights are zero", file=stream)
     print(sparsity_report(model), file=stream)
@@ -332,44 +341,123 @@ def _save_and_reload(
     return numbers
 
 
+def _latencies(models: Sequence[nn.Module], inputs: torch.Tensor, repeats: int) -> list[float]:
+    """Median seconds of one forward pass of each model on one thread, without gradients."""
+    times: list[list[float]] = [[] for _ in models]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for model in models:
+            stack.enter_context(_running(model, training=False, threads=1))
+            model(inputs)  # warm-up: the first pass allocates
+        # Interleaved, so that a busy moment of a shared machine slows every model alike.
+        for _ in range(repeats):
+            for model, seconds in zip(models, times):
+                tic = time.perf_counter()
+                model(inputs)
+                seconds.append(time.perf_counter() - tic)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def _compact(model: LeNet, test_set: TensorDataset, repeats: int, stream: TextIO) -> dict[str, float]:
+    """Stage 4: cut the dead rows and channels out of the layers; check the outputs stay the same."""
+    from masksparse.compaction import compact, plan_compaction, relative_error
+    from masksparse.report import compare_reports, sparsity_report
+
+    inputs = test_set.tensors[0]
+    example = inputs[:_LATENCY_BATCH]
+    plan = plan_compaction(model, example)
+    print(f"\ncompaction: removing what the masks make dead\n{plan}", file=stream)
+    compacted = compact(model, example)
+    with torch.no_grad(), _running(model, False, threads=1), _running(compacted, False, threads=1):
+        error = relative_error(model(inputs), compacted(inputs))
+    # compact checked its example inputs at 1e-4; the demo holds the whole test set to 1e-5.
+    if error > 1e-5:
+        raise CompactionError(
+            f"run_demo: the compacted LeNet's outputs on the test set differ from the masked LeNet's by a "
+            f"relative {error:.3g}; they must agree within 1e-5"
+        )
+    masked_seconds, compacted_seconds = _latencies([model, compacted], example, repeats)
+    comparison = compare_reports(sparsity_report(model, example), sparsity_report(compacted, example))
+    print(f"parameters and MACs at batch {len(example)}, masked -> compacted:\n{comparison}", file=stream)
+    numbers = {
+        "masked_params": float(sum(p.numel() for p in model.parameters())),
+        "compacted_params": float(sum(p.numel() for p in compacted.parameters())),
+        "masked_macs": float(comparison.total.macs_before or 0),
+        "compacted_macs": float(comparison.total.macs_after or 0),
+        "compaction_error": error,
+        "masked_latency_seconds": masked_seconds,
+        "compacted_latency_seconds": compacted_seconds,
+        "compacted_accuracy": evaluate(compacted, test_set),
+    }
+    print(
+        f"CPU latency at batch {len(example)}, one thread (median of {repeats}): "
+        f"{1e3 * masked_seconds:.2f} ms masked -> {1e3 * compacted_seconds:.2f} ms compacted "
+        f"(speed-up {masked_seconds / compacted_seconds:.2f}x)",
+        file=stream,
+    )
+    print(
+        f"compacted LeNet: test accuracy {numbers['compacted_accuracy']:.2%}, outputs equal to the masked "
+        f"model's (max relative difference {error:.1e})",
+        file=stream,
+    )
+    return numbers
+
+
 def run_demo(
     out: TextIO | None = None,
     epochs: int = 10,
     finetune_epochs: int = 3,
     amount: float = 0.9,
-    fc1_rows: float = 0.5,
+    rows: float = 0.5,
+    channels: float = 0.5,
     seed: int = 0,
+    repeats: int = 20,
 ) -> dict[str, float]:
-    """Train, prune, fine-tune, save and reload LeNet on the digits, printing each step's result.
+    """Train, prune, fine-tune, save, reload and compact LeNet on the digits, printing each step's result.
 
     This is ``python -m masksparse demo``. It prunes ``amount`` of all conv and linear weights by global
-    L1 magnitude plus a fraction ``fc1_rows`` of fc1's rows by L2 norm, prints the sparsity report,
-    fine-tunes, saves the state_dict, reloads it into a fresh LeNet and checks that the outputs are equal.
-    The caller's random state and thread settings are left as they were.
+    L1 magnitude, a fraction ``rows`` of fc1's and fc2's rows by L2 norm (``prune.ln_structured``) and a
+    fraction ``channels`` of conv1's and conv2's channels by L1 norm (``prune_channels``), prints the
+    sparsity report, fine-tunes, saves the state_dict, reloads it into a fresh LeNet and checks that the
+    outputs are equal. Finally it compacts the pruned LeNet (``compact``), prints the plan, the parameters,
+    the MACs and the CPU latency at batch 256 before and after, and checks that the compacted model
+    computes what the masked one computes. The caller's random state and thread settings are left as
+    they were.
 
     Example:
         >>> import io
-        >>> results = run_demo(out=io.StringIO(), epochs=1, finetune_epochs=1)
+        >>> results = run_demo(out=io.StringIO(), epochs=1, finetune_epochs=1, repeats=3)
         >>> results["reloaded_accuracy"] == results["finetuned_accuracy"], results["sparsity"] >= 0.9
         (True, True)
+        >>> results["compacted_accuracy"] == results["finetuned_accuracy"]
+        True
+        >>> results["compacted_params"] < results["masked_params"]
+        True
 
     Args:
         out: Where to print; ``None`` means ``sys.stdout``.
         epochs: Training epochs of the dense model.
         finetune_epochs: Training epochs after pruning.
         amount: Fraction of all conv and linear weights to prune by global magnitude.
-        fc1_rows: Fraction of fc1's rows to prune on top, by L2 norm.
+        rows: Fraction of fc1's and of fc2's rows to prune on top, by L2 norm.
+        channels: Fraction of conv1's and of conv2's output channels to prune on top, by L1 norm.
         seed: Seed of the initial weights, the train/test split and the batch order.
+        repeats: Timed forward passes of each model for the latency medians.
 
     Returns:
         Accuracies on the test set (``dense_accuracy``; ``pruned_accuracy`` and ``finetuned_accuracy``,
         before and after fine-tuning; ``reloaded_accuracy``), the fraction of zero weights
         (``sparsity``), file sizes (``dense_bytes``, ``pruned_bytes``, and ``float_masks_bytes`` for the
-        same state_dict with float masks) and timings (``train_seconds``, ``finetune_seconds``,
-        ``total_seconds``, the last including loading the data).
+        same state_dict with float masks), timings (``train_seconds``, ``finetune_seconds``,
+        ``total_seconds``, the last including loading the data), and the compaction's results: parameters
+        of the masked and compacted models (``masked_params``, ``compacted_params``), their median
+        latencies at batch 256 (``masked_latency_seconds``, ``compacted_latency_seconds``), their
+        multiply-accumulates at batch 256 (``masked_macs``, ``compacted_macs``), the compacted
+        model's ``compacted_accuracy`` and the largest relative difference between the two models' outputs
+        on the test set (``compaction_error``).
 
     Raises:
         StateDictError: The reloaded model does not compute what the pruned model computes.
+        CompactionError: The compacted model does not compute what the pruned model computes.
     """
     stream = sys.stdout if out is None else out
     start = time.perf_counter()
@@ -381,15 +469,15 @@ def run_demo(
             model,
             (train_set, test_set),
             amount=amount,
-            fc1_rows=fc1_rows,
+            rows=rows,
+            channels=channels,
             epochs=finetune_epochs,
             seed=seed,
             stream=stream,
         )
     )
     results.update(_save_and_reload(model, dense_state, test_set, stream))
-    # Each stage prints its lines and returns its numbers, so a compaction stage (turning fc1's pruned
-    # rows into a smaller fc1 and checking it computes the same) is one more call here.
+    results.update(_compact(model, test_set, repeats, stream))
     results["total_seconds"] = time.perf_counter() - start
     print(f"\ntotal time {results['total_seconds']:.1f} s", file=stream)
     return results

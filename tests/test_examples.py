@@ -183,8 +183,9 @@ def test_evaluate_rejects_an_empty_dataset() -> None:
 
 
 @pytest.mark.timeout(180)
-def test_run_demo_trains_prunes_and_reloads() -> None:
-    """The demo's numbers: accurate before and after, 90% sparse, reloaded model identical, lean masks."""
+def test_run_demo_trains_prunes_reloads_and_compacts() -> None:
+    """The demo's numbers: accurate before and after, 90% sparse, reloaded model identical, lean masks,
+    and a compacted model with far fewer parameters that computes what the masked one computes."""
     out = io.StringIO()
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     results = run_demo(out=out)
@@ -192,14 +193,40 @@ def test_run_demo_trains_prunes_and_reloads() -> None:
     assert results["pruned_accuracy"] < results["finetuned_accuracy"]
     assert results["finetuned_accuracy"] >= 0.95
     assert results["reloaded_accuracy"] == results["finetuned_accuracy"]
-    assert 0.9 <= results["sparsity"] <= 0.95
+    assert 0.9 <= results["sparsity"] <= 0.96  # measured 94.8%
     # Dense weights < weights + bool masks (1/4 of the weight bytes) < weights + float masks.
     assert results["dense_bytes"] < results["pruned_bytes"] < results["float_masks_bytes"]
     assert results["pruned_bytes"] < 1.35 * results["dense_bytes"]
     assert 0 < results["train_seconds"] < results["total_seconds"] < 60
     assert 0 < results["finetune_seconds"] < results["total_seconds"]
+    # Compaction: every layer smaller (measured 60,074 -> 8,943 parameters), the same outputs.
+    assert results["masked_params"] == 60_074  # LeNet's parameters: masks keep every layer full size
+    assert results["compacted_params"] < 0.25 * results["masked_params"]
+    assert results["compaction_error"] <= 1e-5
+    assert results["compacted_accuracy"] == results["finetuned_accuracy"]
+    assert min(results["compacted_latency_seconds"], results["masked_latency_seconds"]) > 0
     text = out.getvalue()
     assert "fc1.weight" in text and "same outputs" in text
     assert f"{results['reloaded_accuracy']:.2%}" in text
+    assert "Compaction plan: 60,074 -> " in text and "set: fc1.out_features = " in text
+    assert f"{results['masked_params']:,.0f} -> {results['compacted_params']:,.0f}" in text
+    assert 0 < results["compacted_macs"] < 0.6 * results["masked_macs"]  # measured 0.42x
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_run_demo_rejects_a_compaction_that_changes_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo checks the compacted model on the whole test set, not only on compact's example batch."""
+    import masksparse.compaction
+
+    original = masksparse.compaction.compact
+
+    def perturbed(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
+        result = original(model, inputs)
+        with torch.no_grad():
+            result.fc3.bias.add_(1.0)
+        return result
+
+    monkeypatch.setattr(masksparse.compaction, "compact", perturbed)
+    with pytest.raises(masksparse.CompactionError, match="must agree within 1e-5"):
+        run_demo(out=io.StringIO(), epochs=1, finetune_epochs=0, repeats=1)

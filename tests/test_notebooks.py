@@ -48,10 +48,44 @@ def check_tutorial_1(values: dict[str, Any]) -> None:
     assert sweep[0.99]["fine-tuned"] < 0.3
 
 
+def check_tutorial_2(values: dict[str, Any]) -> None:
+    """The numbers 02_compaction.ipynb shows and its text describes (measured: LeNet 60,074 -> 27,992
+    parameters, MACs 0.84x, accuracy 98.2% both; ResNet-18 11,689,512 -> 5,115,656, error 3e-7)."""
+    assert values["dense_accuracy"] >= 0.96
+    # "the compacted model computes what the masked one computes ... so its accuracy is the same"
+    assert values["max_difference"] <= 1e-5
+    assert values["compacted_accuracy"] == values["masked_accuracy"] >= 0.95
+    # Half of fc1's and fc2's rows, their columns in the next layer, exactly: the plan keeps nothing extra.
+    assert values["lenet_params"] == [60_074, 27_992]
+    macs_before, macs_after = values["lenet_macs"]
+    assert 0.8 * macs_before < macs_after < 0.9 * macs_before  # "went down by only 16%"
+    # One residual stream per stage, each written by several convolutions.
+    assert len(values["residual_groups"]) == 4
+    assert values["residual_groups"][0] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert values["resnet_params_before"] == 11_689_512
+    assert values["resnet_params_after"] <= 0.6 * values["resnet_params_before"]
+    assert values["resnet_error"] <= 1e-4
+
+
 CHECKS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
     "01_pruning_lenet.ipynb": (
         ["dense_accuracy", "same", "same_outputs", "pruned_accuracy", "reloaded_accuracy", "sweep"],
         check_tutorial_1,
+    ),
+    "02_compaction.ipynb": (
+        [
+            "dense_accuracy",
+            "masked_accuracy",
+            "compacted_accuracy",
+            "max_difference",
+            "lenet_params",
+            "lenet_macs",
+            "residual_groups",
+            "resnet_params_before",
+            "resnet_params_after",
+            "resnet_error",
+        ],
+        check_tutorial_2,
     ),
 }
 
@@ -78,7 +112,7 @@ def execute(notebook: Any, kernel_specs: KernelSpecManager) -> None:
     client = nbclient.NotebookClient(
         notebook,
         km=manager,
-        timeout=120,  # per cell; the whole tutorial takes about 30 s on 2 cores
+        timeout=120,  # per cell; each tutorial takes about 30 s on 2 cores
         startup_timeout=120,
         coalesce_streams=True,  # one output per stream and cell, as Jupyter shows it
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
