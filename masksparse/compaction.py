@@ -25,6 +25,7 @@ from torch import nn
 from masksparse import prune
 from masksparse._errors import CompactionError, MaskSparseError, PruningValueError
 from masksparse.graph import Graph, trace
+from masksparse.graph.heads import head_attribute, shrunk_splits
 from masksparse.graph.record import _eval_mode, as_args
 from masksparse.importance import shape_of
 
@@ -297,6 +298,21 @@ def _attributes(model: nn.Module, cuts: list[TensorCut]) -> list[AttributeUpdate
     return updates
 
 
+def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> list[AttributeUpdate]:
+    """The attribute holding the number of heads, for every attention module that loses heads."""
+    updates: dict[tuple[str, str], AttributeUpdate] = {}
+    for split in shrunk_splits(graph, removed):
+        name = head_attribute(model.get_submodule(split.module), split)
+        update = AttributeUpdate(split.module, name, split.size, split.kept)
+        prior = updates.setdefault((split.module, name), update)
+        if prior != update:
+            raise CompactionError(
+                f"module {split.module or '<model>'!r} splits {prior.old} and {update.old} heads out of "
+                f"two tensors, keeping {prior.new} and {update.new}: {name} cannot hold both"
+            )
+    return list(updates.values())
+
+
 def _activations(
     graph: Graph, removed: np.ndarray
 ) -> tuple[tuple[str, tuple[tuple[int, ...] | None, ...]], ...]:
@@ -339,7 +355,7 @@ def _plan(model: nn.Module, graph: Graph) -> Plan:
     removed = _removed_units(graph)
     cuts = _cuts(graph, removed)
     folds = _folds(model, graph, removed, cuts)
-    attributes = _attributes(model, cuts)
+    attributes = _attributes(model, cuts) + _head_attributes(model, graph, removed)
     before = _count(model)
     after = before + _param_change(model, cuts)
     for f in folds:

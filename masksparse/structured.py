@@ -20,6 +20,7 @@ from torch import nn
 from masksparse import prune
 from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
 from masksparse.graph import Graph, Group, trace
+from masksparse.graph.heads import fixed_heads
 from masksparse.importance import (
     Criterion,
     criterion,
@@ -100,6 +101,7 @@ def _candidates(
     model: nn.Module, graph: Graph, amount: float | int, amounts: dict[str, float | int], ignored: list[str]
 ) -> list[_Candidate]:
     found = []
+    heads = fixed_heads(model, graph)
     for group in graph.groups:
         if any(_under(m.module, p) for m in group.members for p in ignored):
             continue
@@ -114,7 +116,7 @@ def _candidates(
                 f"them does there. Register a rule (masksparse.graph.register_rule) or list the module in "
                 f"ignored_layers."
             )
-        if group.prunable:
+        if group.prunable and not any(u in heads for u in group.units):
             found.append(_Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, group)))
     return found
 

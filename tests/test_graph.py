@@ -334,6 +334,43 @@ class Embedded(nn.Module):
         return self.fc(F.relu(self.embed(x))).sum(1)
 
 
+class Attention(nn.Module):
+    """Self-attention with a fused qkv projection reshaped to (B, N, 3, heads, head_dim)."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 2, head_dim: int = 3) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_fused_qkv_attention_groups_whole_heads() -> None:
+    """One unit is one head: its q, k and v rows of the qkv projection and its columns of the output
+    projection; the head size and the 3 of (q, k, v) are kept whole."""
+    graph = trace(Attention(num_heads=4), torch.randn(2, 5, 12))
+    group = _group_with(graph, "qkv", "weight", 0)
+    assert group.prunable and group.size == 4
+    assert _members(group) == {("qkv", "weight", 0), ("qkv", "bias", 0), ("proj", "weight", 1)}
+    qkv = next(m for m in group.members if m.tensor == "weight" and m.module == "qkv")
+    assert qkv.indices[1] == (3, 4, 5, 15, 16, 17, 27, 28, 29)  # head 1 of q, of k and of v
+    proj = next(m for m in group.members if m.module == "proj")
+    assert proj.indices[1] == (3, 4, 5)
+
+
+def test_a_reshape_follows_the_part_nothing_else_fixes() -> None:
+    """(B, C) merged into B*C for instance norm: the batch is fixed by the input, the channels follow."""
+    graph = trace(_seq(nn.InstanceNorm2d(8, affine=True)), torch.randn(2, 3, 5, 5))
+    group = _group_with(graph, "0", "weight", 0)
+    assert group.prunable and ("1", "weight", 0) in _members(group)
+
+
 def _layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.transpose(1, 3), (x.shape[1],)).transpose(1, 3)
 
@@ -358,7 +395,7 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
                   img, True),
         batchnorm=(lambda: _seq(nn.BatchNorm2d(8), nn.ReLU()), img, True),
         groupnorm=(lambda: _seq(nn.GroupNorm(2, 8)), img, False),
-        instancenorm=(lambda: _seq(nn.InstanceNorm2d(8, affine=True)), img, False),
+        instancenorm=(lambda: _seq(nn.InstanceNorm2d(8, affine=True)), img, True),
         layernorm_channels=(lambda: _seq(Lambda(_layer_norm_channels)), img, False),
         softmax_channels=(lambda: _seq(nn.Softmax(dim=1)), img, False),
         conv_grouped=(lambda: _seq(nn.Conv2d(8, 8, 3, padding=1, groups=2)), img, True),
@@ -378,6 +415,7 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
         expanded=(Expanded, img, True),
         shifted=(Shifted, img, True),
         embedding=(Embedded, (2, 5), True),
+        attention=(Attention, (2, 5, 12), True),
         batchnorm1d_linear=(lambda: nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(),
                                                   nn.Linear(10, 3, bias=False)), (4, 6), True),
     )  # fmt: skip
@@ -390,7 +428,7 @@ NOT_EXERCISED = {
     # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,
     # composite ops that reach the dispatcher already decomposed)
     "reshape", "flatten", "alias", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
-    "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes", "unbind",
+    "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes",
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
     "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "empty_like", "full_like",
     "rand_like",

@@ -116,45 +116,105 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         f = g
 
 
-def _relate(graph: Graph) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _relate_node(
+    graph: Graph, node: Node, choices: dict[int, int] | None = None, cut: bool = False
+) -> tuple[Relations, list[tuple[np.ndarray, str]]]:
+    """Run the node's rule; its relations, and the slots it blocks."""
+    rule = rule_for(node.op)
+    rel = Relations(node, choices, cut)
+    if rule is None:
+        reason = f"created inside forward with a fixed size by {node}"
+        return rel, [
+            (graph.slots(v, d), reason)
+            for v in (node.outputs if not node.inputs else ())
+            for d in range(v.ndim)
+        ]
+    try:
+        rule.relate(node, rel)
+    except (IndexError, ValueError, TypeError, KeyError) as exc:
+        raise CompactionError(f"the rule of {node} does not fit its arguments: {exc}") from exc
+    for v in node.inputs + node.outputs:
+        for d in range(v.ndim):
+            if (v.id, d) not in rel.covered:
+                rel.block(v, d, f"{node} does not relate its dim {d}")
+    return rel, [(graph.slots(v, d), reason) for v, d, reason in rel.blocks]
+
+
+def _fixed_slots(graph: Graph, blocked: list[tuple[np.ndarray, str]], labels: np.ndarray) -> np.ndarray:
+    """Per slot: does some blocked slot share its unit?"""
+    fixed_units = np.zeros(graph.n_slots, dtype=bool)
+    if blocked:
+        fixed_units[labels[np.concatenate([s for s, _ in blocked])]] = True
+    return fixed_units[labels]
+
+
+def _choose(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]) -> None:
+    """Pick, for every reshape that splits or merges a dimension, the part that follows it.
+
+    ``rels`` were related with every split following its leading part and the other parts left free.
+    A part is free when nothing fixes its units in that graph; the first free part is chosen (the
+    leading one when none is): ``(B, N, 3, H, hd)`` unbound along the 3 follows H, and
+    ``(B, H) -> B*H`` before a batched matmul follows H as well, B being tied to the model input.
+    """
+    labels = _labels(graph, rels)
+    blocked = [b for _, blocked in rels for b in blocked] + _static_blocks(graph)
+    # An op without a rule fixes what it touches here, so that a choice never exposes units to it.
+    blocked += [
+        (graph.slots(v, d), "")
+        for rel, _ in rels
+        if rule_for(rel.node.op) is None
+        for v in rel.node.inputs + rel.node.outputs
+        for d in range(v.ndim)
+    ]
+    fixed = _fixed_slots(graph, blocked, labels)
+    for i, (rel, _) in enumerate(rels):
+        if not rel.splits:
+            continue
+        choices = {}
+        for k, split in enumerate(rel.splits):
+            free = [p for p, d in enumerate(split.dims) if not fixed[graph.slots(split.parts, d)].any()]
+            choices[k] = free[0] if free else 0
+        rels[i] = _relate_node(graph, rel.node, choices)
+
+
+def _labels(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]) -> np.ndarray:
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
-    blocked: list[tuple[np.ndarray, str]] = []
-    trace = graph.trace
-    for node in trace.nodes:
-        rule = rule_for(node.op)
-        if rule is None:
-            reason = f"created inside forward with a fixed size by {node}"
-            for v in node.outputs if not node.inputs else ():
-                blocked += [(graph.slots(v, d), reason) for d in range(v.ndim)]
-            graph.relations.append(Relations(node))
-            continue
-        rel = Relations(node)
-        try:
-            rule.relate(node, rel)
-        except (IndexError, ValueError, TypeError, KeyError) as exc:
-            raise CompactionError(f"the rule of {node} does not fit its arguments: {exc}") from exc
-        for v in node.inputs + node.outputs:
-            for d in range(v.ndim):
-                if (v.id, d) not in rel.covered:
-                    rel.block(v, d, f"{node} does not relate its dim {d}")
-        for a, da, ia, b, db, ib, _ in rel.ties:
+    for rel, _ in rels:
+        for a, da, ia, b, db, ib, _carry in rel.ties:
             edges_a.append(graph.slots(a, da, ia))
             edges_b.append(graph.slots(b, db, ib))
-        blocked += [(graph.slots(v, d), reason) for v, d, reason in rel.blocks]
-        graph.relations.append(rel)
+    if not edges_a:
+        return np.arange(graph.n_slots)
+    return _components(graph.n_slots, np.concatenate(edges_a), np.concatenate(edges_b))
+
+
+def _static_blocks(graph: Graph) -> list[tuple[np.ndarray, str]]:
+    """Constants created outside the model, and the model's inputs and outputs, keep their size."""
+    trace = graph.trace
+    blocked = []
     for v in trace.values:
         if v.static and v.source is None and v.origin is None:
             reason = "a constant tensor with a fixed size"
             blocked += [(graph.slots(v, d), reason) for d in range(v.ndim)]
     for v, kind in [(v, "input") for v in trace.inputs] + [(v, "output") for v in trace.outputs]:
         blocked += [(graph.slots(v, d), f"a model {kind}") for d in range(v.ndim)]
-    graph.blocked = blocked
-    return edges_a, edges_b
+    return blocked
+
+
+def _relate(graph: Graph) -> None:
+    rels = [_relate_node(graph, node, cut=True) for node in graph.trace.nodes]
+    if any(rel.splits for rel, _ in rels):
+        _choose(graph, rels)
+    graph.relations = [rel for rel, _ in rels]
+    graph.blocked = [b for _, blocked in rels for b in blocked] + _static_blocks(graph)
+    graph.labels = _labels(graph, rels)
 
 
 def _transfer(graph: Graph) -> None:
     """Constants flow through the ops in execution order."""
+    graph.states.nodes = graph.trace.nodes
+    graph.states.splits = {s.parts.id: s for rel in graph.relations for s in rel.splits if s.splits}
     for rel in graph.relations:
         node = rel.node
         if all(v.static for v in node.outputs):
@@ -292,9 +352,7 @@ def _reason(graph: Graph, unit: int) -> str:
 def build(trace: Trace) -> Graph:
     """Analyse a :class:`~masksparse.graph.record.Trace` into a :class:`Graph`."""
     graph = Graph(trace)
-    edges_a, edges_b = _relate(graph)
-    if edges_a:
-        graph.labels = _components(graph.n_slots, np.concatenate(edges_a), np.concatenate(edges_b))
+    _relate(graph)
     _transfer(graph)
     _contractions(graph)
     _flags(graph)

@@ -177,6 +177,19 @@ def _bmm(node: Node, rel: Relations) -> None:
     rel.contract(a, 2, b, 1)
 
 
+def _bmm_transfer(node: Node, rel: Relations, states: States) -> None:
+    """Zeros only: a batch entry either factor zeroes is zero, and so are the rows of ``a`` and the
+    columns of ``b`` that are zero (attention over the v of a masked head yields zero)."""
+    a, b, out = node.args[0], node.args[1], node.outputs[0]
+    zero = (states.get(a, 0) == 0) | (states.get(b, 0) == 0)
+    states.set(out, 0, np.where(zero, 0.0, np.nan))
+    states.set(out, 1, np.where(states.get(a, 1) == 0, 0.0, np.nan))
+    states.set(out, 2, np.where(states.get(b, 2) == 0, 0.0, np.nan))
+
+
+register_rule(aten.bmm, transfer=_bmm_transfer)(_bmm)
+
+
 # ---------------------------------------------------------------------------------- normalisation
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from masksparse.graph.record import Node, Value
-from masksparse.graph.rules import Relations, States, register_rule, slice_constants
+from masksparse.graph.rules import Relations, Split, States, register_rule, slice_constants
 
 aten = torch.ops.aten
 
@@ -160,9 +160,8 @@ register_rule(
 )(_identity)
 
 
-@register_rule(aten.t, aten.transpose, aten.permute, aten.numpy_T)
-def _permute(node: Node, rel: Relations) -> None:
-    x, out = node.inputs[0], node.outputs[0]
+def _order(node: Node, x: Value) -> list[int]:
+    """Output dim ``j`` of a permute, transpose or copy is input dim ``order[j]``."""
     order = list(range(x.ndim))
     packet = node.op.overloadpacket
     if packet is aten.permute:
@@ -172,7 +171,13 @@ def _permute(node: Node, rel: Relations) -> None:
     elif packet is aten.transpose:
         a, b = node.args[1] % x.ndim, node.args[2] % x.ndim
         order[a], order[b] = order[b], order[a]
-    for d_out, d_in in enumerate(order):
+    return order
+
+
+@register_rule(aten.t, aten.transpose, aten.permute, aten.numpy_T)
+def _permute(node: Node, rel: Relations) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    for d_out, d_in in enumerate(_order(node, x)):
         rel.carry(x, d_in, out, d_out)
 
 
@@ -203,10 +208,13 @@ def _blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], lis
 
 @register_rule(aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten)
 def _view(node: Node, rel: Relations) -> None:
-    """Reshapes as merges and splits: only the leading dimension of a merged or split block can shrink.
+    """Reshapes as merges and splits: one part of a merged or split block can shrink, the others not.
 
     Flattening ``(N, C, H, W)`` to ``(N, C*H*W)``: feature ``f`` belongs to channel ``f // (H*W)``,
-    so removing a channel removes a contiguous block of features and H, W stay whole.
+    so removing a channel removes a contiguous block of features and H, W stay whole. Which part
+    follows the merged dimension is the graph builder's choice (:class:`~masksparse.graph.rules.Split`):
+    the leading part unless something else fixes it, so a fused qkv output reshaped to
+    ``(B, N, 3, H, hd)`` and then unbound along the 3 follows the heads, and the heads stay equally wide.
     """
     x, out = node.inputs[0], node.outputs[0]
     blocks = _blocks(x.shape, out.shape) if 0 not in x.shape else None
@@ -224,15 +232,17 @@ def _view(node: Node, rel: Relations) -> None:
                 rel.block(out, d, f"reshaped together with other dimensions by {_where(node)}")
             continue
         m_dim = (db if merged is out else da)[0]
-        lead = parts_of[0]
-        inner = math.prod(parts.shape[d] for d in parts_of[1:])
+        j = rel.choose(merged, m_dim, parts, parts_of, merged is x)
+        sizes = [parts.shape[d] for d in parts_of]
         f = np.arange(merged.shape[m_dim])
+        coord = (f // math.prod(sizes[j + 1 :])) % sizes[j]
         if merged is out:
-            rel.carry(x, lead, out, m_dim, src_index=f // inner, dst_index=f)
+            rel.carry(x, parts_of[j], out, m_dim, src_index=coord, dst_index=f)
         else:
-            rel.carry(x, m_dim, out, lead, src_index=f, dst_index=f // inner)
-        for d in parts_of[1:]:
-            rel.block(parts, d, f"inner part of a dimension merged or split by {_where(node)}")
+            rel.carry(x, m_dim, out, parts_of[j], src_index=f, dst_index=coord)
+        for k, d in enumerate(parts_of):
+            if k != j:
+                rel.keep_part(parts, d, f"other part of a dimension merged or split by {_where(node)}")
 
 
 @register_rule(aten.expand)
@@ -242,6 +252,18 @@ def _expand(node: Node, rel: Relations) -> None:
     for d in range(x.ndim):
         if x.shape[d] == out.shape[d + off]:
             rel.carry(x, d, out, d + off)
+
+
+@register_rule(aten.repeat)
+def _repeat(node: Node, rel: Relations) -> None:
+    """``x.repeat(sizes)`` tiles each dim: output slot ``i`` holds input slot ``i % n``."""
+    x, out = node.inputs[0], node.outputs[0]
+    off = out.ndim - x.ndim
+    for d in range(x.ndim):
+        f = np.arange(out.shape[d + off])
+        rel.carry(x, d, out, d + off, src_index=f % max(x.shape[d], 1), dst_index=f)
+    for d in range(off):
+        rel.block(out, d, f"created with a fixed size by {_where(node)}")
 
 
 @register_rule(aten.cat)
@@ -300,6 +322,52 @@ def _split(node: Node, rel: Relations) -> None:
         if keeps:
             rel.block(out, dim, f"split into fixed sizes by {_where(node)}")
         _carry_except(node, rel, x, out, dim, keeps)
+
+
+_MOVES = (aten.t, aten.transpose, aten.permute, aten.clone, aten.contiguous, aten.alias, aten.detach)
+
+
+def _split_source(states: States, v: Value) -> tuple[Split, list[int | None]] | None:
+    """Follow ``v`` back through permutes and copies to the reshape that split it into parts: that
+    split, and for each dim of ``v`` its position among the split's parts (None: not a part)."""
+    dims, cur = list(range(v.ndim)), v
+    while cur.id not in states.splits:
+        node = states.nodes[cur.producer] if cur.producer is not None else None
+        if node is None or node.op.overloadpacket not in _MOVES:
+            return None
+        cur = node.inputs[0]
+        order = _order(node, cur)
+        dims = [order[d] for d in dims]
+    split = states.splits[cur.id]
+    return split, [split.dims.index(d) if d in split.dims else None for d in dims]
+
+
+def _picked(node: Node, rel: Relations, states: States) -> None:
+    """Constants of what ``select``/``unbind`` picks out of a split part, read jointly off the merged
+    dimension: ``v`` of a fused qkv is zero in head h when the v rows of head h are, whatever q and k
+    hold there (the per-dimension constants of the heads mix q, k and v)."""
+    x = node.inputs[0]
+    dim = node.arg(1, "dim", 0) % x.ndim
+    found = _split_source(states, x)
+    if found is None or found[1][dim] is None:
+        return
+    split, pos = found
+    sizes = [split.parts.shape[d] for d in split.dims]
+    table = states.get(split.merged, split.merged_dim).reshape(sizes)
+    picks = [node.args[2] % x.shape[dim]] if node.op.overloadpacket is aten.select else range(x.shape[dim])
+    for out, k in zip(node.outputs, picks):
+        sub = np.take(table, k, axis=pos[dim])
+        for d in range(x.ndim):
+            p = pos[d]
+            if d == dim or p is None:
+                continue
+            rows = np.moveaxis(sub, p - (p > pos[dim]), 0).reshape(sizes[p], -1)
+            lo, hi = rows.min(1), rows.max(1)
+            states.set(out, d - (d > dim), np.where(lo == hi, lo, np.nan))
+
+
+register_rule(aten.select, transfer=_picked)(_select)
+register_rule(aten.unbind, transfer=_picked)(_split)
 
 
 def _pad(node: Node, rel: Relations) -> None:

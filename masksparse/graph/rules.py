@@ -28,7 +28,7 @@ import torch
 
 from masksparse.graph.record import Node, Value
 
-__all__ = ["Contraction", "Relations", "Rule", "States", "register_rule", "rule_for"]
+__all__ = ["Contraction", "Relations", "Rule", "Split", "States", "register_rule", "rule_for"]
 
 Index = np.ndarray
 
@@ -51,11 +51,37 @@ class Contraction:
     fold: str | None
 
 
-class Relations:
-    """What the rule of one node says; filled by the rule, read by :mod:`masksparse.graph.groups`."""
+@dataclass(frozen=True)
+class Split:
+    """A reshape that splits one dimension into parts (or merges parts into one): ``merged``'s
+    ``merged_dim`` against ``parts``' ``dims``. Only one part can follow the merged dimension's units
+    (``choice``, a position in ``dims``); the others keep their size. ``splits``: the merged
+    dimension is the input (``(B, N, 3*H*hd) -> (B, N, 3, H, hd)``), so the part sizes come from the
+    model's code.
+    """
 
-    def __init__(self, node: Node) -> None:
+    merged: Value
+    merged_dim: int
+    parts: Value
+    dims: tuple[int, ...]
+    splits: bool
+    choice: int
+
+
+class Relations:
+    """What the rule of one node says; filled by the rule, read by :mod:`masksparse.graph.groups`.
+
+    ``choices`` picks, per :class:`~masksparse.graph.rules.Split` of the node (in the order the rule
+    asks), the part that follows the merged dimension (default: the leading one); ``cut`` asks the
+    rule to leave the other parts free rather than blocked, so that the graph builder can see which
+    parts something else fixes.
+    """
+
+    def __init__(self, node: Node, choices: dict[int, int] | None = None, cut: bool = False) -> None:
         self.node = node
+        self.choices = choices or {}
+        self.cut = cut
+        self.splits: list[Split] = []
         # (a, a_dim, a_index, b, b_dim, b_index, carry): a[a_index[k]] is tied to b[b_index[k]]; with
         # carry, b is an output whose slot holds exactly the data of the tied input slots.
         self.ties: list[tuple[Value, int, Index, Value, int, Index, bool]] = []
@@ -87,6 +113,23 @@ class Relations:
     def carry(self, src: Value, src_dim: int, dst: Value, dst_dim: int, **index: Index) -> None:
         """Tie ``src`` to the output ``dst`` as pure data movement (constants carry along)."""
         self.tie(src, src_dim, dst, dst_dim, index.get("src_index"), index.get("dst_index"), carry=True)
+
+    def choose(self, merged: Value, merged_dim: int, parts: Value, dims: list[int], splits: bool) -> int:
+        """Which of ``dims`` (a position) follows ``merged``'s ``merged_dim``.
+
+        See :class:`~masksparse.graph.rules.Split`.
+        """
+        choice = self.choices.get(len(self.splits), 0)
+        merged_dim = merged_dim % max(merged.ndim, 1)
+        self.splits.append(Split(merged, merged_dim, parts, tuple(dims), splits, choice))
+        return choice
+
+    def keep_part(self, v: Value, dim: int, reason: str) -> None:
+        """A part that does not follow its split keeps its size (under ``cut``: left free instead)."""
+        if self.cut:
+            self.covered.add((v.id, dim % max(v.ndim, 1)))
+        else:
+            self.block(v, dim, reason)
 
     def ignore(self, v: Value) -> None:
         """``v`` is an input whose contents the op does not read (it lends only dtype and device)."""
@@ -127,6 +170,10 @@ class States:
     """
 
     def __init__(self) -> None:
+        # what transfers may look back on: the ops in execution order, and the reshape splits by the
+        # id of the value holding the parts (see masksparse.graph.layout._picked)
+        self.nodes: list[Node] = []
+        self.splits: dict[int, Split] = {}
         self._known: dict[tuple[int, int], np.ndarray] = {}
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
