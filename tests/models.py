@@ -35,3 +35,15 @@ def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
         for name in ("weight", "bias")
         if isinstance(module, (nn.Linear, nn.Conv2d)) and getattr(module, name, None) is not None
     ]
+
+
+class ChannelCumsum(nn.Module):
+    """Conv -> cumsum over channels (an operation without a rule) -> conv; input (N, 3, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(self.a(x), dim=1))

@@ -19,6 +19,7 @@ from masksparse.graph import rules as rules_module
 from masksparse.graph.record import record
 from masksparse.graph.rules import registered_ops
 from masksparse.structured import prune_channels
+from tests.models import ChannelCumsum
 
 
 def _group_with(graph: Graph, module: str, tensor: str, dim: int) -> Group:
@@ -178,18 +179,8 @@ def test_slice_along_channels_blocks_them() -> None:
     assert not group.prunable and "sliced" in group.reason
 
 
-class Cumsum(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 1)
-        self.b = nn.Conv2d(4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.cumsum(self.a(x), dim=1))
-
-
 def test_an_op_without_a_rule_is_named_on_the_groups_it_touches() -> None:
-    graph = trace(Cumsum(), torch.randn(1, 3, 2, 2))
+    graph = trace(ChannelCumsum(), torch.randn(1, 3, 2, 2))
     group = _group_with(graph, "a", "weight", 0)
     assert not group.prunable and "aten.cumsum" in group.reason and "has no rule" in group.reason
     assert "ops without a rule" in repr(graph)
@@ -211,7 +202,7 @@ def test_register_rule_teaches_a_new_op(restore_rules: None) -> None:
             rel.tie(x, d, out, d)
         rel.block(x, node.args[1], "a running sum mixes its dimension")
 
-    group = _group_with(trace(Cumsum(), torch.randn(1, 3, 2, 2)), "a", "weight", 0)
+    group = _group_with(trace(ChannelCumsum(), torch.randn(1, 3, 2, 2)), "a", "weight", 0)
     assert not group.prunable and group.reason == "a running sum mixes its dimension"
 
 

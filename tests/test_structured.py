@@ -11,6 +11,7 @@ from masksparse import MaskSparseError, PruningTypeError, PruningValueError
 from masksparse.graph import Group
 from masksparse.importance import tensor_of
 from masksparse.structured import prune_channels
+from tests.models import ChannelCumsum
 
 
 def chain(seed: int = 0) -> nn.Sequential:
@@ -161,18 +162,8 @@ def test_callable_importance_decides() -> None:
         prune_channels(chain(), X, 0.5, importance=lambda g, m: torch.zeros(g.size + 1))
 
 
-class UnknownOp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 1)
-        self.b = nn.Conv2d(4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.cumsum(self.a(x), dim=1))
-
-
 def test_an_op_without_a_rule_on_a_pruned_dim_raises_naming_it() -> None:
-    model = UnknownOp()
+    model = ChannelCumsum()
     with pytest.raises(MaskSparseError, match=r"aten\.cumsum.*'<model>'.*ignored_layers"):
         prune_channels(model, torch.randn(1, 3, 2, 2), 0.5)
     assert not hasattr(model.a, "weight_mask")
