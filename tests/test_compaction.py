@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -544,3 +545,25 @@ def test_a_head_whose_v_rows_are_masked_is_dead_only_if_its_v_bias_is_too(mask_b
     assert_same(model, small, X_TOKENS, rtol=1e-4)
     assert small.attn.num_heads == (3 if mask_bias else 4)
     assert small.attn.qkv.out_features == (54 if mask_bias else 72)
+
+
+def test_compacted_model_saves_compiles_and_exports_with_plain_torch(tmp_path: Path) -> None:
+    """The compacted model is ordinary torch: torch.save/load, torch.compile and ONNX export all work."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    x = torch.randn(4, 1, 28, 28)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    expected = small(x)
+
+    torch.save(small, tmp_path / "small.pt")
+    assert torch.equal(torch.load(tmp_path / "small.pt", weights_only=False)(x), expected)
+    assert torch.allclose(torch.compile(small, backend="aot_eager")(x), expected, atol=1e-6)
+
+    torch.onnx.export(small, (x,), tmp_path / "small.onnx", dynamo=False)
+    exported = onnx.load(tmp_path / "small.onnx")
+    onnx.checker.check_model(exported)
+    shapes = {init.name: tuple(init.dims) for init in exported.graph.initializer}
+    assert shapes == {name: tuple(p.shape) for name, p in small.named_parameters()}
+    assert shapes["fc1.weight"][0] < 120  # the exported graph is the smaller model
