@@ -10,6 +10,11 @@ the fraction of parameters left, and the seconds masking and compaction took.
     python benchmarks/zoo.py --models resnet18,mobilenet_v2
     python benchmarks/zoo.py --method ln_structured
     python benchmarks/zoo.py              # every classification model in torchvision
+    python benchmarks/zoo.py --max-params 150   # skip models over 150M parameters
+
+The ``peak RSS MiB`` column is the process's resident-set high-water mark during that model's row
+(building the dense model included); it also counts memory that earlier rows freed but the allocator
+kept, so it bounds what the run needs rather than what one model needs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from torch import nn
 
 from masksparse.compaction import compact, relative_error
 from masksparse.structured import prune_channels
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _harness import MIB, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 # Smallest input each family accepts comfortably (the rest take 64x64 to stay quick).
 _SIZES = {"inception_v3": 299, "vit": 224, "swin": 224, "maxvit": 224, "googlenet": 64}
@@ -74,14 +82,20 @@ def mask(model: nn.Module, x: torch.Tensor, method: str, amount: float) -> None:
             torch_prune.ln_structured(m, "weight", amount=amount, n=1, dim=0)
 
 
+def num_params(name: str) -> int:
+    """Parameter count from torchvision's weights metadata (nothing is built or downloaded)."""
+    return int(next(iter(torchvision.models.get_model_weights(name))).meta["num_params"])
+
+
 def run_one(name: str, amount: float = 0.5, method: str = "prune_channels") -> dict[str, object]:
     """Mask and compact one model; the row of the table."""
+    reset_peak_rss()
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     randomise_batch_norm(model)
     size = input_size(name)
     x = torch.randn(1, 3, size, size)
-    row: dict[str, object] = {"model": name}
+    row: dict[str, object] = {"model": name, "M params": f"{num_params(name) / 1e6:.1f}"}
     start = time.perf_counter()
     try:
         mask(model, x, method, amount)
@@ -96,6 +110,7 @@ def run_one(name: str, amount: float = 0.5, method: str = "prune_channels") -> d
         if "-v" in sys.argv:
             traceback.print_exc()
     row["seconds"] = f"{time.perf_counter() - start:.1f}"
+    row["peak RSS MiB"] = f"{peak_rss_bytes() / MIB:,.0f}"
     return row
 
 
@@ -104,17 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="", help="comma-separated torchvision model names (default: all)")
     parser.add_argument("--amount", type=float, default=0.5)
     parser.add_argument("--method", choices=["prune_channels", "ln_structured"], default="prune_channels")
+    parser.add_argument(
+        "--max-params", type=float, default=0.0, help="skip models over this many million parameters (0: all)"
+    )
     parser.add_argument("-v", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
     names = (
         args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     )
-    rows = []
+    torch.set_num_threads(2)
+    rows, skipped = [], []
     for name in names:
+        if args.max_params and num_params(name) > args.max_params * 1e6:
+            skipped.append(f"{name} ({num_params(name) / 1e6:.0f}M)")
+            continue
         rows.append(run_one(name, args.amount, args.method))
-        print(f"{name}: {rows[-1]['status']}", file=sys.stderr, flush=True)
+        print(" | ".join(str(v) for v in rows[-1].values()), file=sys.stderr, flush=True)  # progress
     print(tabulate(rows, headers="keys"))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    ok = sum(r["status"] == "ok" for r in rows)
+    skip = ", ".join(skipped) or "none"
+    print(f"\n{ok} of {len(rows)} ok; skipped (over {args.max_params:g}M parameters): {skip}")
+    return 0 if ok == len(rows) else 1
 
 
 if __name__ == "__main__":
