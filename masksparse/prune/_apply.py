@@ -39,7 +39,7 @@ def _as_stored_mask(
             f"{type(method).__name__}.compute_mask returned {type(mask).__name__}, not a tensor"
         )
     _m.check_same_shape(
-        f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, f"{name}", orig
+        f"the mask {type(method).__name__} computed for {type(module).__name__}.{name}", mask, name, orig
     )
     if _m.is_binary(mask):
         return (mask if mask.dtype == torch.bool else mask != 0).to(device=orig.device)
@@ -71,7 +71,7 @@ def apply_method(
         )
         current = _reparam.masked_value(orig, stored)
     scores = current if importance_scores is None else importance_scores
-    _m.check_same_shape(f"importance_scores for {type(module).__name__}.{name}", scores, f"{name}", current)
+    _m.check_same_shape(f"importance_scores for {type(module).__name__}.{name}", scores, name, current)
 
     method._tensor_name = name
     hook: _m.TorchMethod = method
