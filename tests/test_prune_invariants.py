@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,14 +22,7 @@ from masksparse._errors import MaskSparseError, PruningTypeError, PruningValueEr
 from tests._diff_helpers import assert_unchanged, seed_cpu, snapshot
 from tests.models import convnet, mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(seed: int = 0, n_in: int = 10, n_out: int = 10) -> nn.Linear:
