@@ -555,7 +555,7 @@ def compact(
 
     The plan (see :func:`plan_compaction`) is applied to a deep copy, which must reproduce the masked
     model's outputs on ``example_inputs`` within a relative error of 1e-4 (``max |diff| / max |ref|``);
-    otherwise :class:`~masksparse.MaskSparseError` names the first diverging module and ``model`` is
+    otherwise :class:`~masksparse.CompactionError` names the first diverging module and ``model`` is
     left as it was. The result has no masks (they are made permanent) and updated attributes
     (``out_channels``, ``in_features``, ``num_features``, ...). With ``inplace=True`` the same plan is
     then applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to

@@ -232,7 +232,7 @@ def prune_channels(
         ``model``.
 
     Raises:
-        MaskSparseError: an operation without a rule touches a group that would be pruned.
+        CompactionError: an operation without a rule touches a group that would be pruned.
 
     Example:
         >>> import torch
