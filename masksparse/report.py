@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from masksparse._errors import PruningTypeError, ShapeMismatchError
 from masksparse._macs import count_uses
+from masksparse.prune._reparam import masked_value
 
 __all__ = [
     "LayerComparison",
@@ -270,8 +271,8 @@ def _effective(name: str, orig: Tensor, mask: Tensor) -> Tensor:
             f"{name}{_MASK} has shape {tuple(mask.shape)} but {name}{_ORIG} has shape {tuple(orig.shape)}; "
             "a pruning mask must have the shape of the tensor it masks"
         )
-    # Multiplying in orig's dtype (not indexing) gives exactly what the pruned model computes, as torch does.
-    return orig.detach() * mask.detach().to(orig.dtype)
+    # The product the pruned model computes (in orig's dtype, as torch does), not an indexed copy.
+    return masked_value(orig.detach(), mask.detach())
 
 
 def _module_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
