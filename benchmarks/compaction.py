@@ -1,11 +1,13 @@
 """Channel pruning and compaction of resnet50 and vit_b_16: masksparse next to Torch-Pruning 1.6.1.
 
 Both libraries remove 50% of the channels of torchvision's resnet50 and vit_b_16 (weights=None, eval
-mode, BatchNorm statistics and affine parameters randomised as in a trained network; the classifier
-ignored), in one run, side by side:
+mode, BatchNorm statistics and affine parameters randomised as in a trained network; the classifier's
+outputs kept), in one run, side by side:
 
 * **time** to get the smaller model, in fresh subprocesses that alternate between the libraries
-  (medians of ``--repeats``). masksparse: ``prune_channels(model, x, 0.5, ignored_layers=[head])`` then
+  (medians of ``--repeats``). masksparse: ``prune_channels(model, x, 0.5)`` (the model's outputs are never
+  pruned, so the classifier keeps its classes and loses inputs, as with Torch-Pruning's
+  ``ignored_layers=[head]``) then
   ``compact(model, x)``, which traces again, plans, applies the plan to a copy and verifies it against
   the masked model; the split comes from timing masksparse's own stages in the same call (trace in
   prune_channels, scoring and masks, trace in compact, plan, copy, apply, verify). Torch-Pruning:
@@ -83,7 +85,7 @@ def head(model: nn.Module) -> nn.Module:
 
 
 def with_masksparse(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    masksparse.prune_channels(model, x, 0.5, ignored_layers=[head(model)])
+    masksparse.prune_channels(model, x, 0.5)
     return masksparse.compact(model, x)
 
 
@@ -220,7 +222,7 @@ def latency_worker(opt: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             out["errors"][lib] = f"{type(exc).__name__}: {str(exc)[:200]}"
     masked = copy.deepcopy(dense)
-    masksparse.prune_channels(masked, x, 0.5, ignored_layers=[head(masked)])
+    masksparse.prune_channels(masked, x, 0.5)
     fresh = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out["max_rel_err"] = compaction.relative_error(masked(fresh), models["masksparse"](fresh))
@@ -349,7 +351,7 @@ def main() -> None:
     parser.add_argument("--parts", default="time,latency", help="comma-separated: time, latency")
     args = parser.parse_args()
     names = args.models.split(",")
-    print(f"50% channels, classifier ignored; {machine_line()}; load average {_load()} at the start\n")
+    print(f"50% channels, classifier outputs kept; {machine_line()}; load average {_load()} at the start\n")
     if "time" in args.parts:
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(n, lib): [] for n in names for lib in _LIBS}
         for _ in range(args.repeats):  # alternating, so both libraries see the same machine load

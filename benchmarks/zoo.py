@@ -1,7 +1,11 @@
 """Prune and compact torchvision classification models; print what worked.
 
 For each model (weights=None, eval mode, BatchNorm statistics and affine parameters randomised as in
-a trained network): ``prune_channels(amount=0.5)`` with the classifier ignored, then ``compact``.
+a trained network): ``prune_channels(amount=0.5)``, then ``compact``. The classifier's outputs are the
+model's outputs, which ``prune_channels`` never prunes; its inputs shrink with the layers that feed
+them, as with Torch-Pruning's ``ignored_layers=[classifier]``. ``--keep-classifier-inputs`` lists the
+classifier in masksparse's ``ignored_layers`` instead, which keeps its inputs (and so the last
+feature width) too.
 With ``--method ln_structured`` the masks come from plain ``torch.nn.utils.prune.ln_structured`` on
 every conv weight instead (so masked channels still emit their BatchNorm shift). The table shows
 whether it worked, the largest relative error between the masked and the compacted model's outputs,
@@ -72,10 +76,10 @@ def input_size(name: str) -> int:
     return next((s for prefix, s in _SIZES.items() if name.startswith(prefix)), 64)
 
 
-def mask(model: nn.Module, x: torch.Tensor, method: str, amount: float) -> None:
+def mask(model: nn.Module, x: torch.Tensor, method: str, amount: float, keep_inputs: bool = False) -> None:
     """Mask ``model`` with masksparse's prune_channels or with torch's ln_structured on conv weights."""
     if method == "prune_channels":
-        prune_channels(model, x, amount, ignored_layers=[classifier(model)])
+        prune_channels(model, x, amount, ignored_layers=[classifier(model)] if keep_inputs else [])
         return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -87,7 +91,9 @@ def num_params(name: str) -> int:
     return int(next(iter(torchvision.models.get_model_weights(name))).meta["num_params"])
 
 
-def run_one(name: str, amount: float = 0.5, method: str = "prune_channels") -> dict[str, object]:
+def run_one(
+    name: str, amount: float = 0.5, method: str = "prune_channels", keep_inputs: bool = False
+) -> dict[str, object]:
     """Mask and compact one model; the row of the table."""
     reset_peak_rss()
     torch.manual_seed(0)
@@ -98,7 +104,7 @@ def run_one(name: str, amount: float = 0.5, method: str = "prune_channels") -> d
     row: dict[str, object] = {"model": name, "M params": f"{num_params(name) / 1e6:.1f}"}
     start = time.perf_counter()
     try:
-        mask(model, x, method, amount)
+        mask(model, x, method, amount, keep_inputs)
         small = compact(model, x)
         with torch.no_grad():
             err = relative_error(model(x), small(x))
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-params", type=float, default=0.0, help="skip models over this many million parameters (0: all)"
     )
+    parser.add_argument(
+        "--keep-classifier-inputs", action="store_true", help="list the classifier in ignored_layers"
+    )
     parser.add_argument("-v", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
     names = (
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_params and num_params(name) > args.max_params * 1e6:
             skipped.append(f"{name} ({num_params(name) / 1e6:.0f}M)")
             continue
-        rows.append(run_one(name, args.amount, args.method))
+        rows.append(run_one(name, args.amount, args.method, args.keep_classifier_inputs))
         print(" | ".join(str(v) for v in rows[-1].values()), file=sys.stderr, flush=True)  # progress
     print(tabulate(rows, headers="keys"))
     ok = sum(r["status"] == "ok" for r in rows)

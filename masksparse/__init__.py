@@ -19,17 +19,10 @@ from masksparse._errors import (
     StateDictError,
 )
 from masksparse.compaction import Plan, compact, plan_compaction
+from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
-from masksparse.report import (
-    LayerComparison,
-    ReportComparison,
-    ReportRow,
-    ReportTotal,
-    SparsityReport,
-    compare_reports,
-    sparsity_report,
-)
+from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 from masksparse.structured import prune_channels
 

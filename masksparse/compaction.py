@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
-from tabulate import tabulate
 from torch import nn
 
 from masksparse import prune
-from masksparse._errors import CompactionError, MaskSparseError, PruningValueError
+from masksparse._errors import CompactionError, PruningValueError
 from masksparse.graph import Graph, trace
 from masksparse.graph.heads import head_attribute, shrunk_splits
-from masksparse.graph.record import _eval_mode, as_args
 from masksparse.importance import shape_of
+from masksparse.plan import AttributeUpdate, BiasFold, Plan, TensorCut
+from masksparse.slicers import register_slicer, slicer_for
+from masksparse.verification import relative_error, verify
 
 __all__ = [
     "AttributeUpdate",
@@ -37,157 +36,9 @@ __all__ = [
     "compact",
     "plan_compaction",
     "register_slicer",
+    "relative_error",
+    "verify",
 ]
-
-RTOL = 1e-4
-
-Slicer = Callable[[nn.Module, Mapping[str, tuple[int, ...]]], dict[str, Any]]
-_SLICERS: dict[type, Slicer] = {}
-
-
-def register_slicer(*types: type) -> Callable[[Slicer], Slicer]:
-    """Register how modules of ``types`` update their attributes once their tensors are sliced.
-
-    The function receives the module (before slicing) and the new shape of each of its tensors by
-    name, and returns the attributes to set. Lookup follows the class's MRO, so a subclass of
-    ``nn.Conv2d`` uses the convolution slicer; plain ``nn.Module`` updates nothing.
-
-    Example:
-        >>> from torch import nn
-        >>> from masksparse.compaction import register_slicer
-        >>> class Scale(nn.Module):
-        ...     def __init__(self, n):
-        ...         super().__init__()
-        ...         self.n = n
-        ...         self.scale = nn.Parameter(torch.ones(n))
-        >>> @register_slicer(Scale)
-        ... def _scale(module, shapes):
-        ...     return {"n": shapes["scale"][0]}
-    """
-
-    def decorate(fn: Slicer) -> Slicer:
-        for t in types:
-            _SLICERS[t] = fn
-        return fn
-
-    return decorate
-
-
-def _slicer_for(module: nn.Module) -> Slicer:
-    for cls in type(module).__mro__:
-        if cls in _SLICERS:
-            return _SLICERS[cls]
-    raise CompactionError(f"no slicer registered for {type(module).__name__}")  # nn.Module has one
-
-
-@register_slicer(nn.Module)
-def _plain(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    return {}
-
-
-@register_slicer(nn.modules.conv._ConvNd)
-def _conv(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    conv = cast(nn.modules.conv._ConvNd, module)
-    w, groups = shapes["weight"], conv.groups
-    if conv.transposed:
-        in_ch, out_ch = w[0], w[1] * groups
-    else:
-        out_ch, in_ch = w[0], w[1] * groups
-    if groups > 1 and groups == conv.in_channels and not conv.transposed:
-        # depthwise: one group per input channel, each with the same number of outputs
-        groups = out_ch // (conv.out_channels // conv.in_channels)
-        in_ch = groups
-    return {"in_channels": in_ch, "out_channels": out_ch, "groups": groups}
-
-
-@register_slicer(nn.Linear)
-def _linear(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    return {"in_features": shapes["weight"][1], "out_features": shapes["weight"][0]}
-
-
-@register_slicer(nn.modules.batchnorm._NormBase)
-def _norm(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    shape = shapes.get("weight") or shapes.get("running_mean")
-    return {"num_features": shape[0]} if shape else {}
-
-
-@register_slicer(nn.Embedding)
-def _embedding(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    return {"num_embeddings": shapes["weight"][0], "embedding_dim": shapes["weight"][1]}
-
-
-@register_slicer(nn.PReLU)
-def _prelu(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    return {"num_parameters": shapes["weight"][0]}
-
-
-@dataclass(frozen=True)
-class TensorCut:
-    """Keep only ``keep`` (of ``size``) along ``dim`` of ``module.tensor``."""
-
-    module: str
-    tensor: str
-    dim: int
-    size: int
-    keep: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class BiasFold:
-    """``module.bias += module.weight[:, columns] @ constants`` (summed over a 1x1 kernel)."""
-
-    module: str
-    columns: tuple[int, ...]
-    constants: tuple[float, ...]
-    creates_bias: bool = False
-
-
-@dataclass(frozen=True)
-class AttributeUpdate:
-    """``module.name`` changes from ``old`` to ``new``."""
-
-    module: str
-    name: str
-    old: Any
-    new: Any
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What compaction will do; building it changes nothing. ``print(plan)`` shows it."""
-
-    cuts: tuple[TensorCut, ...]
-    folds: tuple[BiasFold, ...]
-    attributes: tuple[AttributeUpdate, ...]
-    params_before: int
-    params_after: int
-    # for diagnosing a failed verification: module path -> kept indices per dim of its output
-    activations: tuple[tuple[str, tuple[tuple[int, ...] | None, ...]], ...] = field(repr=False, default=())
-
-    def __str__(self) -> str:
-        ratio = self.params_after / max(self.params_before, 1)
-        lines = [f"Compaction plan: {self.params_before:,} -> {self.params_after:,} parameters ({ratio:.1%})"]
-        if not self.cuts:
-            lines.append("nothing is dead: the model stays as it is")
-        rows = [
-            (c.module or "<model>", c.tensor, c.dim, f"{len(c.keep)} of {c.size}", _short(c.keep))
-            for c in self.cuts
-        ]
-        if rows:
-            lines.append(tabulate(rows, headers=["module", "tensor", "dim", "kept", "indices kept"]))
-        for f in self.folds:
-            new = " (new bias)" if f.creates_bias else ""
-            lines.append(
-                f"fold: {f.module}.bias{new} += {f.module}.weight[:, {_short(f.columns)}] @ constants"
-            )
-        for a in self.attributes:
-            lines.append(f"set: {a.module}.{a.name} = {a.new!r} (was {a.old!r})")
-        return "\n".join(lines)
-
-
-def _short(indices: tuple[int, ...], limit: int = 8) -> str:
-    shown = ", ".join(map(str, indices[:limit]))
-    return f"[{shown}{', ...' if len(indices) > limit else ''}]"
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -291,7 +142,7 @@ def _attributes(model: nn.Module, cuts: list[TensorCut]) -> list[AttributeUpdate
                 shapes[c.tensor] = tuple(new)
             elif c.module == path:  # a bias a fold creates
                 shapes[c.tensor] = (len(c.keep),)
-        for name, new in _slicer_for(module)(module, shapes).items():
+        for name, new in slicer_for(module)(module, shapes).items():
             old = getattr(module, name)
             if old != new:
                 updates.append(AttributeUpdate(path, name, old, new))
@@ -331,7 +182,8 @@ def _count(model: nn.Module) -> int:
 
 
 def plan_compaction(model: nn.Module, example_inputs: Any) -> Plan:
-    """What :func:`compact` would do to ``model``, as a printable :class:`Plan`; changes nothing.
+    """What :func:`compact` would do to ``model``, as a printable :class:`~masksparse.plan.Plan`; changes
+    nothing.
 
     Example:
         >>> import torch
@@ -442,95 +294,6 @@ def _slice(
             param.grad = None
             param.data = param.data.index_select(dim, index)
             param.grad = grad
-
-
-# ------------------------------------------------------------------------------------------ verify
-
-
-def _run(
-    model: nn.Module, args: tuple[Any, ...], record: bool
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Run ``model``; with ``record``, also every module's first output tensor, in execution order."""
-    seen: dict[str, torch.Tensor] = {}
-    stack: list[str] = []
-    handles = []
-    for path, m in model.named_modules() if record else ():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, p=path: stack.append(p)))
-        handles.append(m.register_forward_hook(lambda mod, a, out, p=path: _keep(seen, stack, p, out)))
-    try:
-        with _eval_mode(model), torch.no_grad():
-            out = model(*args)
-    except Exception as exc:
-        where = stack[-1] if stack else ""
-        raise CompactionError(f"the compacted model fails in module {where or '<model>'!r}: {exc}") from exc
-    finally:
-        for h in handles:
-            h.remove()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)], seen
-
-
-def _keep(seen: dict[str, torch.Tensor], stack: list[str], path: str, out: Any) -> None:
-    stack.pop()
-    first = next((t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), None)
-    if first is not None and path not in seen:
-        seen[path] = first.detach().clone()
-
-
-def relative_error(ref: torch.Tensor, got: torch.Tensor) -> float:
-    """``max |ref - got| / max |ref|`` (inf when the shapes differ).
-
-    Example:
-        >>> round(relative_error(torch.tensor([2.0, -4.0]), torch.tensor([2.0, -3.9])), 6)
-        0.025
-    """
-    if ref.shape != got.shape:
-        return math.inf
-    if ref.numel() == 0:
-        return 0.0
-    ref64, got64 = ref.detach().double(), got.detach().double()
-    return float((ref64 - got64).abs().max() / ref64.abs().max().clamp_min(1e-30))
-
-
-def verify(
-    masked: nn.Module,
-    compacted: nn.Module,
-    example_inputs: Any,
-    plan: Plan,
-    rtol: float = RTOL,
-    reference: list[torch.Tensor] | None = None,
-) -> float:
-    """The largest relative error between the two models' outputs; raises past ``rtol``, naming the
-    first module whose output (the part compaction keeps) diverges. ``reference``: the masked model's
-    outputs on ``example_inputs`` when already known."""
-    args = as_args(example_inputs)
-    ref = reference if reference is not None else _run(masked, args, record=False)[0]
-    try:
-        got, _ = _run(compacted, args, record=False)
-    except MaskSparseError:
-        _run(compacted, args, record=True)  # again, to name the module that fails
-        raise
-    errors = [relative_error(a, b) for a, b in zip(ref, got)] if len(ref) == len(got) else [math.inf]
-    worst = max(errors, default=0.0)
-    if worst <= rtol:
-        return worst
-    _, ref_modules = _run(masked, args, record=True)
-    _, got_modules = _run(compacted, args, record=True)
-    keeps = dict(plan.activations)
-    for path, r in ref_modules.items():
-        if path not in got_modules:
-            continue
-        for dim, keep in enumerate(keeps.get(path, ())):
-            if keep is not None and dim < r.ndim:
-                r = r.index_select(dim, torch.tensor(keep, dtype=torch.long))
-        err = relative_error(r, got_modules[path])
-        if err > rtol:
-            raise CompactionError(
-                f"compaction changed what the model computes (max relative error {worst:.3g} > {rtol:g}); "
-                f"the first module whose output diverges is {path or '<model>'!r} (relative error {err:.3g})"
-            )
-    raise CompactionError(
-        f"compaction changed the model's output (max relative error {worst:.3g} > {rtol:g})"
-    )
 
 
 def _copy(model: nn.Module) -> nn.Module:

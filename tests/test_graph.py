@@ -469,7 +469,7 @@ def test_every_registered_rule_is_exercised() -> None:
 
 
 def test_every_registered_slicer_is_exercised() -> None:
-    from masksparse.compaction import _SLICERS
+    from masksparse.slicers import _SLICERS
 
     modules = [m for factory, _, _ in CASES.values() for m in factory().modules()]
     missing = [t.__name__ for t in _SLICERS if not any(isinstance(m, t) for m in modules)]

@@ -15,16 +15,9 @@ from torch import Tensor, nn
 from masksparse import compact
 from masksparse import prune as ms_prune
 from masksparse._errors import PruningTypeError, ShapeMismatchError
+from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.examples import LeNet
-from masksparse.report import (
-    LayerComparison,
-    ReportComparison,
-    ReportRow,
-    ReportTotal,
-    SparsityReport,
-    compare_reports,
-    sparsity_report,
-)
+from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 
 
 def _net() -> nn.Sequential:
