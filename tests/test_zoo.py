@@ -1,0 +1,73 @@
+"""A fast subset of the torchvision zoo (benchmarks/zoo.py runs all of it): prune_channels at 50%, or
+torch's own ln_structured on the convolutions, then compact; the smaller model must compute what the
+masked one does and be at most 60% of its size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from masksparse import compact, prune_channels
+from masksparse.compaction import relative_error
+
+torchvision = pytest.importorskip("torchvision")
+
+# Small models whose families cover depthwise and grouped convs, squeeze-excitation, channel shuffle,
+# concatenation, residuals and a conv classifier; each takes about a second.
+_FAST = ("mobilenet_v3_small", "mnasnet0_5", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0")
+
+
+def _trained_looking(name: str) -> nn.Module:
+    """``name`` with weights=None, eval mode, BatchNorm statistics and affine parameters like a trained
+    network's, and zero-initialised weights (a classifier, say) given small random values."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("weight") and p.ndim >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # *_orig stand for the dense tensors
+
+
+@pytest.mark.parametrize("name", _FAST)
+def test_prune_channels_half_then_compact(name: str, one_thread: None) -> None:
+    model = _trained_looking(name)
+    x = torch.randn(1, 3, 64, 64)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    with torch.no_grad():
+        fresh = torch.randn(2, 3, 64, 64)
+        assert relative_error(model(fresh), small(fresh)) <= 1e-4
+    assert _params(small) <= 0.6 * _params(model), _params(small) / _params(model)
+    classifier = [m for m in small.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    assert small(x).shape == (1, 1000) and getattr(classifier, "out_features", 1000) == 1000
+
+
+@pytest.mark.parametrize("name", _FAST[:3])
+def test_torch_ln_structured_masks_compact_exactly(name: str, one_thread: None) -> None:
+    """Plain torch masks on conv weights only: masked channels still emit their BatchNorm shift, which
+    compaction must keep or fold, never drop."""
+    model = _trained_looking(name)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            torch_prune.ln_structured(m, "weight", amount=0.5, n=1, dim=0)
+    x = torch.randn(1, 3, 64, 64)
+    small = compact(model, x)
+    with torch.no_grad():
+        fresh = torch.randn(2, 3, 64, 64)
+        assert relative_error(model(fresh), small(fresh)) <= 1e-4
+    assert _params(small) < _params(model)
