@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from masksparse._errors import CompactionError
 from masksparse.compaction import compact, relative_error
 from masksparse.graph import Graph, Group, register_rule, trace
 from masksparse.graph import rules as rules_module
@@ -60,10 +61,13 @@ def test_trace_records_ops_module_paths_and_parameters() -> None:
     assert t.inputs[0].shape == (1, 1, 4, 4)
 
 
-def test_trace_follows_python_control_flow() -> None:
+def test_trace_follows_python_control_flow_and_warns_of_parameters_it_never_used() -> None:
     model = Branchy()
-    assert {n.module for n in record(model, torch.randn(3, 4)).nodes} == {"a"}
-    assert {n.module for n in record(model, torch.randn(1, 4)).nodes} == {"b"}
+    with pytest.warns(UserWarning, match=r"b\.weight, b\.bias take no part in the run"):
+        t = record(model, torch.randn(3, 4))
+    assert {n.module for n in t.nodes} == {"a"} and t.unused == (("b", "weight"), ("b", "bias"))
+    with pytest.warns(UserWarning, match=r"a\.weight, a\.bias take no part"):
+        assert {n.module for n in record(model, torch.randn(1, 4)).nodes} == {"b"}
 
 
 def test_trace_changes_nothing_and_restores_training_mode() -> None:
@@ -206,6 +210,161 @@ def test_register_rule_teaches_a_new_op(restore_rules: None) -> None:
     assert not group.prunable and group.reason == "a running sum mixes its dimension"
 
 
+# ------------------------------------------------ branches that run only in training; restrides
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet-style: an auxiliary classifier that only runs in training reads the trunk's channels.
+
+    ``p`` is its functional dropout (0 makes training mode deterministic); training mode also writes
+    the ``calls`` buffer, as BatchNorm writes its statistics.
+    """
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.p = p
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Sequential(
+            nn.AdaptiveAvgPool2d(2), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+            nn.Linear(24, 3),
+        )  # fmt: skip
+        self.body = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+            nn.Linear(8, 3),
+        )  # fmt: skip
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.stem(x)
+        out = self.body(y)
+        if not self.training:
+            return out
+        self.calls += 1
+        return out, self.aux(F.dropout(y, self.p, training=True))
+
+
+def test_a_branch_that_runs_only_in_training_joins_the_groups_it_reads() -> None:
+    torch.manual_seed(0)
+    graph = trace(AuxNet(), torch.randn(2, 3, 8, 8))
+    trunk = _group_with(graph, "stem.0", "weight", 0)
+    assert trunk.prunable and trunk.size == 8
+    assert {("stem.1", "weight", 0), ("aux.1", "weight", 1), ("body.0", "weight", 1)} <= _members(trunk)
+    aux = _group_with(graph, "aux.1", "weight", 0)
+    assert aux.prunable and {("aux.2", "weight", 0), ("aux.5", "weight", 1)} <= _members(aux)
+    assert next(m for m in aux.members if m.module == "aux.5").indices[1] == (4, 5, 6, 7)
+    assert "model output" in _group_with(graph, "aux.5", "weight", 0).reason  # the auxiliary logits
+    # Only what training mode does differently joins the trace: the trunk is recorded once.
+    nodes = graph.trace.nodes
+    assert all(n.training for n in nodes if n.module.startswith("aux"))
+    assert not any(n.training for n in nodes if n.module.startswith(("stem", "body")))
+    assert graph.trace.unused == () and len(graph.trace.output_tensors) == 1
+
+
+def test_the_training_mode_run_leaves_the_model_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = AuxNet().train()
+    model.stem[1].eval()  # mixed modes come back exactly
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    rng = torch.get_rng_state()
+    trace(model, x)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # calls, BN statistics
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout's noise drew nothing for good
+
+
+def test_compaction_shrinks_the_training_branch_and_matches_in_both_modes() -> None:
+    torch.manual_seed(0)
+    model, x = AuxNet(), torch.randn(4, 3, 8, 8)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    assert small.aux[1].in_channels == small.stem[0].out_channels == small.body[0].in_channels == 4
+    assert small.aux[1].out_channels == 3 and small.aux[5].in_features == 12
+    assert isinstance(small, AuxNet)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), small.eval()(x)) <= 1e-5
+        # Training mode, dropout off (the two models' noise differs in shape); BatchNorm on batch
+        # statistics: the removed channels are zero in the masked model whatever the mode.
+        for m in (model, small):
+            m.p, m.body[4].p = 0.0, 0.0
+        for a, b in zip(model.train()(x), small.train()(x)):
+            assert relative_error(a, b) <= 1e-5
+
+
+def test_a_failing_training_mode_run_is_named_and_changes_nothing() -> None:
+    class NeedsTargets(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.aux = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                raise ValueError("targets are required in training mode")
+            return self.fc(x)
+
+    model = NeedsTargets().train()
+    with pytest.raises(CompactionError, match=r"aux\.weight, aux\.bias take no part.*targets are required"):
+        trace(model, torch.randn(2, 4))
+    assert model.training and not model.fc._forward_hooks
+
+
+class PooledTokens(nn.Module):
+    """Swin's head: channels-last tokens permuted to (N, C, H, W) and pooled to 1x1, which restrides the
+    fresh (N, C, 1, 1) result to channels-last in place (``as_strided_``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.proj(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.head(torch.flatten(self.pool(y), 1))
+
+
+class Restrided(nn.Module):
+    """``as_strided`` with the tensor's own layout (a no-op), or reading it as channels-last (moves data)."""
+
+    def __init__(self, moves: bool = False) -> None:
+        super().__init__()
+        self.moves = moves
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        stride = (c * h * w, 1, w * c, c) if self.moves else y.stride()
+        return self.head(y.as_strided(y.shape, stride))
+
+
+def test_a_restride_that_keeps_every_element_in_place_passes_channels() -> None:
+    graph = trace(PooledTokens(), torch.randn(2, 3, 4, 4))
+    assert "aten.as_strided_.default" in {str(n.op) for n in graph.trace.nodes}
+    group = _group_with(graph, "proj", "weight", 0)
+    assert group.prunable and _members(group) == {
+        ("proj", "weight", 0),
+        ("proj", "bias", 0),
+        ("head", "weight", 1),
+    }
+    assert _group_with(trace(Restrided(), torch.randn(1, 3, 4, 4)), "conv", "weight", 0).prunable
+
+
+def test_a_restride_that_moves_elements_keeps_the_channels() -> None:
+    torch.manual_seed(0)
+    model, x = Restrided(moves=True), torch.randn(1, 3, 4, 4)
+    group = _group_with(trace(model, x), "conv", "weight", 0)
+    assert not group.prunable and "restrided" in group.reason and "moves elements" in group.reason
+    prune_channels(model, x, 0.5)  # nothing prunable: the masks stay full
+    small = compact(model, x)
+    assert small.conv.out_channels == 8
+    with torch.no_grad():
+        assert relative_error(model(x), small(x)) <= 1e-6
+
+
 # ----------------------------------------------------------------------------- every rule, exercised
 
 
@@ -342,6 +501,19 @@ class Attention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
 
 
+class SelfAttention(nn.Module):
+    """Linear -> nn.MultiheadAttention (fused kernel, 4 heads) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
 def test_a_fused_qkv_attention_groups_whole_heads() -> None:
     """One unit is one head: its q, k and v rows of the qkv projection and its columns of the output
     projection; the head size and the 3 of (q, k, v) are kept whole."""
@@ -407,8 +579,12 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
         shifted=(Shifted, img, True),
         embedding=(Embedded, (2, 5), True),
         attention=(Attention, (2, 5, 12), True),
+        multihead_attention=(SelfAttention, (2, 5, 8), True),
         batchnorm1d_linear=(lambda: nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(),
                                                   nn.Linear(10, 3, bias=False)), (4, 6), True),
+        aux_head=(AuxNet, img, True),
+        pooled_tokens=(PooledTokens, img, True),
+        restrided=(Restrided, img, True),
     )  # fmt: skip
     return cases
 
@@ -421,13 +597,15 @@ NOT_EXERCISED = {
     "reshape", "flatten", "alias", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
     "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes",
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
-    "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "empty_like", "full_like",
+    "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "full_like",
     "rand_like",
     "amin", "max", "min", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "avg_pool1d",
     "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool3d",
     "adaptive_max_pool3d", "max_pool3d_with_indices", "upsample_nearest1d", "upsample_nearest3d",
     "_upsample_nearest_exact2d", "upsample_linear1d", "upsample_bicubic2d", "upsample_trilinear3d",
     "hardswish", "fill", "new_empty", "new_full", "new_ones",
+    # random fills other than dropout's bernoulli_ (noise layers in training mode)
+    "bernoulli", "uniform_", "normal_", "exponential_",
 }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from masksparse.graph import attention as _attention  # noqa: F401  (registers the attention rules)
 from masksparse.graph.groups import Graph, Group, Member, build
 from masksparse.graph.record import record
 from masksparse.graph.rules import Relations, register_rule
@@ -22,7 +23,10 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
     """Run ``model`` once on ``example_inputs`` and group the tensor slices that prune together.
 
     The model runs in eval mode without gradients (its modes are restored afterwards) and is not
-    changed. ``example_inputs`` is a tensor or a tuple of the model's positional arguments.
+    changed. Modules that run only in training mode (auxiliary classifiers) are found by a second,
+    side-effect-free run in training mode (see :func:`~masksparse.graph.record.record`), so the layers
+    reading the model's channels there shrink with them. ``example_inputs`` is a tensor or a tuple of
+    the model's positional arguments.
 
     Example:
         >>> import torch

@@ -4,6 +4,9 @@ A fused qkv projection reshaped to ``(B, N, 3, H, hd)`` (or a query projection r
 ``(B, N, H, hd)``) splits a dimension into parts whose sizes the model's code writes down, typically
 ``self.num_heads``. When compaction removes whole heads, that attribute must change with them; the
 head size ``hd`` never does (only whole heads are removed), so the softmax scale stays as it was.
+``nn.MultiheadAttention``'s fused kernel splits nothing the trace sees: its rule
+(:mod:`masksparse.graph.attention`) ties each head's slots directly, and a slicer switches the module's
+class (:class:`masksparse.modules.CompactMultiheadAttention`).
 """
 
 from __future__ import annotations

@@ -438,3 +438,34 @@ def _fill(node: Node, rel: Relations) -> None:
         rel.tie(x, d, out, d)
     for v in node.inputs[1:]:
         rel.ignore(v)
+
+
+def _same_layout(x: Value, size: list[int], stride: list[int], offset: int | None) -> bool:
+    """Does the view ``(size, stride, offset)`` of ``x``'s storage put every element of ``x`` where it
+    was? Only if the sizes match and so do the offset and the strides of every dim longer than 1."""
+    if x.stride is None or tuple(size) != x.shape:
+        return False
+    if 0 in x.shape:
+        return True
+    if offset is not None and offset != x.storage_offset:
+        return False
+    return all(n == 1 or a == b for n, a, b in zip(size, stride, x.stride))
+
+
+@register_rule(aten.as_strided, aten.as_strided_)
+def _as_strided(node: Node, rel: Relations) -> None:
+    """A restride is a no-op on the data when each element keeps its place (an adaptive pooling to 1x1
+    of a permuted tensor restrides its fresh ``(N, C, 1, 1)`` output to channels-last); any other
+    restride moves elements in ways only the strides tell, so every dim keeps its size."""
+    x, out = node.inputs[0], node.outputs[0]
+    size, stride = list(node.args[1]), list(node.arg(2, "stride"))
+    if _same_layout(x, size, stride, node.arg(3, "storage_offset")):
+        _identity(node, rel)
+        return
+    _block_all(rel, x, f"restrided by {_where(node)}, which moves elements")
+    _block_all(rel, out, f"restrided by {_where(node)}, which moves elements")
+
+
+# Filled with random numbers (dropout's noise in training mode): same shape as the input, contents
+# unrelated, so no transfer; a product with the noise stays zero where the other factor is.
+register_rule(aten.bernoulli, aten.bernoulli_, aten.uniform_, aten.normal_, aten.exponential_)(_pointwise)

@@ -4,19 +4,26 @@ The model really runs (so Python control flow takes the branch the inputs select
 ``TorchDispatchMode`` that sees every aten operation, while module hooks tell which module is running.
 Each tensor that takes part becomes a :class:`Value`; each operation a :class:`Node`. Parameters and
 buffers are recognised by identity, so a value can be mapped back to ``(module path, tensor name)``.
+
+The model runs in eval mode. When some parameters take no part in that run (auxiliary classifiers
+that only run in training, as GoogLeNet's and Inception v3's do), the model runs once more in training
+mode and what that run adds is merged in (see :func:`record`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError, PruningTypeError
@@ -26,7 +33,7 @@ __all__ = ["Node", "Trace", "Value", "record"]
 
 @dataclass(eq=False)
 class Value:
-    """One tensor that took part in the run (a new version after every in-place write).
+    """One tensor that took part in the run (a new version after every in-place write or restride).
 
     ``static`` values depend on no model input (parameters, buffers, masked weights, constants); their
     tensor is kept because their contents are facts the analysis may use. ``source`` names the parameter
@@ -42,6 +49,9 @@ class Value:
     source: tuple[str, str] | None = None
     origin: tuple[str, str] | None = None
     tensor: torch.Tensor | None = field(default=None, repr=False)
+    # Where each element lives in storage when this version was made (None: not a strided tensor).
+    stride: tuple[int, ...] | None = field(default=None, repr=False)
+    storage_offset: int = field(default=0, repr=False)
 
     @property
     def ndim(self) -> int:
@@ -61,6 +71,7 @@ class Node:
     outputs: tuple[Value, ...]
     module: str
     module_type: type | None = None
+    training: bool = False  # recorded by the training-mode run (see record)
 
     def arg(self, position: int, name: str, default: Any = None) -> Any:
         """The argument at ``position`` or keyword ``name``, else ``default``."""
@@ -69,12 +80,17 @@ class Node:
         return self.kwargs.get(name, default)
 
     def __str__(self) -> str:
-        return f"{self.op} in {self.module or '<model>'}"
+        return f"{self.op} in {self.module or '<model>'}" + (" (training mode)" if self.training else "")
 
 
 @dataclass(eq=False)
 class Trace:
-    """What one run of a model did: values, nodes in execution order, inputs, outputs."""
+    """What running a model did: values, nodes in execution order, inputs, outputs.
+
+    ``outputs`` are the model outputs of both runs (the training-mode run's auxiliary logits too);
+    ``output_tensors`` the eval-mode run's outputs, the reference compaction verifies against.
+    ``unused`` lists the parameters neither run used, which structured pruning leaves as they are.
+    """
 
     values: list[Value]
     nodes: list[Node]
@@ -82,6 +98,7 @@ class Trace:
     outputs: list[Value]
     module_outputs: dict[str, Value]
     output_tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
+    unused: tuple[tuple[str, str], ...] = ()
 
 
 def _is_mask(source: tuple[str, str] | None) -> bool:
@@ -89,7 +106,12 @@ def _is_mask(source: tuple[str, str] | None) -> bool:
 
 
 class _Recorder(TorchDispatchMode):
-    """Dispatch mode turning every aten call into a :class:`Node`."""
+    """Dispatch mode turning every aten call into a :class:`Node`.
+
+    With ``replay`` set (the training-mode run), a call identical to one the eval-mode run recorded
+    (same op, same argument values) is that call again: its outputs map to the recorded values and no
+    node is added, so only what the training-mode run does differently joins the trace.
+    """
 
     def __init__(self, leaves: dict[int, tuple[torch.Tensor, tuple[str, str]]]) -> None:
         super().__init__()
@@ -100,9 +122,12 @@ class _Recorder(TorchDispatchMode):
         # id(tensor) -> (weak reference, value). The weak reference guards against a freed tensor's id
         # being reused by a new one; static tensors are also held strongly by their Value.
         self.live: dict[int, tuple[weakref.ref[torch.Tensor], Value]] = {}
+        self.replay: dict[Hashable, Node] | None = None
 
     def new_value(self, t: torch.Tensor, static: bool, **extra: Any) -> Value:
         v = Value(len(self.values), tuple(t.shape), t.dtype, static, **extra)
+        if t.layout == torch.strided:
+            v.stride, v.storage_offset = tuple(t.stride()), int(t.storage_offset())
         if static:
             v.tensor = t
         self.values.append(v)
@@ -119,11 +144,39 @@ class _Recorder(TorchDispatchMode):
         # A tensor created outside the run (a plain tensor attribute, a global constant).
         return self.new_value(t, True)
 
+    def start_replay(self) -> None:
+        """Index the recorded nodes, so that the next run adds only the calls they do not hold."""
+        self.replay = {}
+        for node in self.nodes:
+            key = _key(node.op, node.args, node.kwargs)
+            if key is not None:
+                self.replay.setdefault(key, node)
+
+    def replayed(self, func: Any, node_args: Any, node_kwargs: Any, out: Any) -> bool:
+        """Map the outputs of a call the eval-mode run recorded identically to its values."""
+        if self.replay is None or torch.Tag.nondeterministic_seeded in func.tags:
+            return False
+        key = _key(func, node_args, node_kwargs)
+        node = self.replay.get(key) if key is not None else None
+        tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if node is None or [v.shape for v in node.outputs] != [tuple(t.shape) for t in tensors]:
+            return False
+        for t, v in zip(tensors, node.outputs):
+            self.live[id(t)] = (weakref.ref(t), v)
+        return True
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        # Inputs are looked up before the call: an in-place op (a restride) changes them.
         in_leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         inputs = [self.lookup(t) for t in in_leaves]
+        out = func(*args, **kwargs)
+        by_id = {id(t): v for t, v in zip(in_leaves, inputs)}
+        node_args, node_kwargs = pytree.tree_map(
+            lambda x: by_id[id(x)] if isinstance(x, torch.Tensor) else x, (args, kwargs)
+        )
+        if self.replayed(func, node_args, node_kwargs, out):
+            return out
         static = all(v.static for v in inputs) and torch.Tag.nondeterministic_seeded not in func.tags
         # What a static result was computed from: the weight of ``weight_orig * weight_mask``.
         origins = [v.origin for v in inputs if v.origin is not None]
@@ -134,15 +187,34 @@ class _Recorder(TorchDispatchMode):
             for t in pytree.tree_leaves(out)
             if isinstance(t, torch.Tensor)
         ]
-        by_id = {id(t): v for t, v in zip(in_leaves, inputs)}
-        node_args, node_kwargs = pytree.tree_map(
-            lambda x: by_id[id(x)] if isinstance(x, torch.Tensor) else x, (args, kwargs)
-        )
         path, kind = self.module_stack[-1]
         self.nodes.append(
-            Node(index, func, tuple(node_args), node_kwargs, tuple(inputs), tuple(outputs), path, kind)
-        )
+            Node(
+                index, func, tuple(node_args), node_kwargs, tuple(inputs), tuple(outputs), path, kind,
+                training=self.replay is not None,
+            )
+        )  # fmt: skip
         return out
+
+
+def _key(func: Any, args: Any, kwargs: Any) -> Hashable | None:
+    """A call as a hashable key: the op and its arguments, values by id (None: not hashable)."""
+
+    def freeze(a: Any) -> Hashable:
+        if isinstance(a, Value):
+            return ("value", a.id)
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, *(freeze(b) for b in a))
+        if isinstance(a, dict):
+            return ("dict", *((k, freeze(v)) for k, v in sorted(a.items())))
+        return (type(a).__name__, a)
+
+    key = (func, freeze(args), freeze(kwargs))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 @contextlib.contextmanager
@@ -154,6 +226,32 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, args: tuple[Any, ...]) -> Iterator[None]:
+    """Training mode without side effects (see :func:`record`).
+
+    Normalisation layers and dropout modules stay in eval mode: only which modules run matters here,
+    and the constants the analysis computes must be those of eval mode, which compaction verifies.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b._version, b.clone()) for n, b in model.named_buffers() if not n.endswith("_mask")]
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves(args)]
+    cuda = {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    with torch.random.fork_rng(devices=sorted(cuda)):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, (_NormBase, _DropoutNd)):
+                m.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for b, version, saved in buffers:
+                if b._version != version:
+                    b.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -200,7 +298,15 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def record(model: nn.Module, example_inputs: Any) -> Trace:
-    """Run ``model`` once in eval mode without gradients and record what it did.
+    """Run ``model`` in eval mode without gradients and record what it did.
+
+    When some parameters take no part in that run (an auxiliary classifier that only runs in training,
+    as GoogLeNet's and Inception v3's do), the model runs once more in training mode, and the calls that
+    run adds (the auxiliary heads, reading the channels of the main branch) join the trace, marked
+    ``training``. That run changes nothing: normalisation layers and dropout modules stay in eval mode
+    (so running statistics are read, not updated, and batches of one work), buffers and the random
+    number generators are restored, and so is every module's mode. Parameters neither run uses are
+    listed in ``Trace.unused`` with a warning: nothing tells which channels they would read.
 
     Example:
         >>> import torch
@@ -211,24 +317,68 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
     """
     args = as_args(example_inputs)
     leaves: dict[int, tuple[torch.Tensor, tuple[str, str]]] = {}
+    params: dict[int, tuple[str, str]] = {}
     for path, module in model.named_modules():
         for name, t in list(module._parameters.items()) + list(module._buffers.items()):
             if t is not None and id(t) not in leaves:
                 leaves[id(t)] = (t, (path, name))
+                if name in module._parameters:
+                    params[id(t)] = (path, name)
     recorder = _Recorder(leaves)
     inputs = [recorder.new_value(t, False) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
     module_outputs: dict[str, Value] = {}
-    with _eval_mode(model), torch.no_grad(), _module_hooks(model, recorder, module_outputs), recorder:
-        try:
-            out = model(*args)
-        except MaskSparseError:
-            raise
-        except Exception as exc:
-            raise CompactionError(
-                f"the model raised while running on the example inputs, in module "
-                f"{recorder.module_stack[-1][0] or '<model>'!r}: {exc}"
-            ) from exc
-    out_tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    outputs = [recorder.lookup(t) for t in out_tensors]
+    with torch.no_grad(), _module_hooks(model, recorder, module_outputs):
+        with _eval_mode(model), recorder:
+            out = _run(model, args, recorder, "")
+        out_tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outputs = [recorder.lookup(t) for t in out_tensors]
+        unused = _unused(params, recorder)
+        if unused:
+            recorder.start_replay()
+            with _training_mode(model, args), recorder:
+                why = (
+                    f"parameters {_names(unused)} take no part in the eval-mode run, and the training-mode "
+                    f"run that shows which channels they read failed (make model.train() run on the "
+                    f"example inputs, or set the modules that never run to None)"
+                )
+                train_out = _run(model, args, recorder, why)
+            for t in pytree.tree_leaves(train_out):
+                v = recorder.lookup(t) if isinstance(t, torch.Tensor) else None
+                if v is not None and v not in outputs:
+                    outputs.append(v)
+            unused = _unused(params, recorder)
+    if unused:
+        warnings.warn(
+            f"parameters {_names(unused)} take no part in the run on the example inputs, in eval or in "
+            f"training mode: nothing tells which channels they read, so structured pruning and compaction "
+            f"leave them as they are (a code path that uses them may not fit the compacted model)",
+            stacklevel=3,
+        )
     recorder.live.clear()
-    return Trace(recorder.values, recorder.nodes, inputs, outputs, module_outputs, out_tensors)
+    return Trace(recorder.values, recorder.nodes, inputs, outputs, module_outputs, out_tensors, unused)
+
+
+def _run(model: nn.Module, args: tuple[Any, ...], recorder: _Recorder, why: str) -> Any:
+    try:
+        return model(*args)
+    except MaskSparseError:
+        raise
+    except Exception as exc:
+        where = recorder.module_stack[-1][0] or "<model>"
+        raise CompactionError(
+            f"{why or 'the model raised while running on the example inputs'}: in module {where!r}: {exc}"
+        ) from exc
+
+
+def _unused(params: dict[int, tuple[str, str]], recorder: _Recorder) -> tuple[tuple[str, str], ...]:
+    """The parameters no recorded call read (their leaf value was never created)."""
+    return tuple(
+        source
+        for key, source in params.items()
+        if key not in recorder.live or recorder.leaves[key][0] is not recorder.live[key][0]()
+    )
+
+
+def _names(sources: Sequence[tuple[str, str]], limit: int = 4) -> str:
+    shown = ", ".join(f"{path or '<model>'}.{name.removesuffix('_orig')}" for path, name in sources[:limit])
+    return shown + (f" and {len(sources) - limit} more" if len(sources) > limit else "")
