@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from masksparse import modules as _modules  # noqa: F401  (registers the slicer that swaps the class)
 from masksparse.graph.layers import _softmax
 from masksparse.graph.layout import _pointwise, _pointwise_transfer, _where
 from masksparse.graph.record import Node, Value
