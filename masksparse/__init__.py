@@ -9,6 +9,7 @@ reports print as tables; structured masks become a genuinely smaller model with
 from masksparse import prune
 from masksparse._errors import (
     CompactionError,
+    InexactCompactionWarning,
     MaskSparseError,
     MissingDependencyError,
     PruningAttributeError,
@@ -21,6 +22,7 @@ from masksparse._errors import (
 from masksparse.compaction import Plan, compact, plan_compaction
 from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.graph import Graph, trace
+from masksparse.modules import CompactMultiheadAttention
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
@@ -29,8 +31,10 @@ from masksparse.structured import prune_channels
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompactMultiheadAttention",
     "CompactionError",
     "Graph",
+    "InexactCompactionWarning",
     "LayerComparison",
     "MaskSparseError",
     "MissingDependencyError",

@@ -7,6 +7,8 @@ written for torch keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MaskSparseError(Exception):
     """Base class of every error raised by masksparse."""
@@ -51,3 +53,19 @@ class CompactionError(MaskSparseError, RuntimeError):
     the compacted model does not compute what the masked model computes. The message names the operation
     or the first module where outputs diverge.
     """
+
+
+class InexactCompactionWarning(UserWarning):
+    """``compact(..., allow_inexact=True)`` removed units a normalisation reduces over, so the compacted
+    model's outputs differ from the masked model's.
+
+    ``deviation`` is the largest relative error of the outputs on the example inputs
+    (``max |masked - compacted| / max |masked|``), and ``plan`` the plan applied, with ``plan.deviation``
+    set and ``plan.normalisations`` listing what changed. A warning, not an error: the user asked for it.
+    Turn it into an error with ``warnings.simplefilter("error", InexactCompactionWarning)``.
+    """
+
+    def __init__(self, message: str, deviation: float, plan: Any = None) -> None:
+        super().__init__(message)
+        self.deviation = deviation
+        self.plan = plan

@@ -19,18 +19,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from masksparse import modules as _modules  # noqa: F401  (registers the slicer for nn.MultiheadAttention)
 from masksparse import prune
-from masksparse._errors import CompactionError, PruningValueError
+from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
+from masksparse._inexact import (
+    inexact_hint,
+    keep_groups_even,
+    normalisation_attributes,
+    normalisation_changes,
+    state_deviation,
+    width_attributes,
+)
 from masksparse.graph import Graph, trace
 from masksparse.graph.heads import head_attribute, shrunk_splits
-from masksparse.importance import shape_of
-from masksparse.plan import AttributeUpdate, BiasFold, Plan, TensorCut
+from masksparse.graph.inexact import inexact_units
+from masksparse.importance import shape_of, tensor_of
+from masksparse.plan import AttributeUpdate, BiasFold, NormalisationChange, Plan, TensorCut
 from masksparse.slicers import register_slicer, slicer_for
-from masksparse.verification import relative_error, verify
+from masksparse.verification import deviation, relative_error, verify
 
 __all__ = [
     "AttributeUpdate",
     "BiasFold",
+    "NormalisationChange",
     "Plan",
     "TensorCut",
     "compact",
@@ -44,12 +55,14 @@ __all__ = [
 # -------------------------------------------------------------------------------------------- plan
 
 
-def _removed_units(graph: Graph) -> np.ndarray:
+def _removed_units(graph: Graph, allow_inexact: bool = False) -> np.ndarray:
     """Per slot: is its unit removed? Only units owning a parameter or buffer count: removing the
-    rest would change nothing in the model."""
+    rest would change nothing in the model. With ``allow_inexact``, units that only a normalisation
+    blocks may go too."""
     n = graph.n_slots
     bad = np.zeros(n, dtype=bool)
-    bad[list(graph.fixed)] = True
+    inexact = inexact_units(graph) if allow_inexact else {}
+    bad[[u for u in graph.fixed if u not in inexact]] = True
     bad[list(graph.live)] = True
     owns = np.zeros(n, dtype=bool)
     for v in graph.trace.values:
@@ -181,9 +194,13 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def plan_compaction(model: nn.Module, example_inputs: Any) -> Plan:
+def plan_compaction(model: nn.Module, example_inputs: Any, *, allow_inexact: bool = False) -> Plan:
     """What :func:`compact` would do to ``model``, as a printable :class:`~masksparse.plan.Plan`; changes
     nothing.
+
+    With ``allow_inexact=True`` the plan also removes masked units that a normalisation (LayerNorm,
+    GroupNorm, ``nn.RMSNorm``) reduces over; ``plan.normalisations`` lists those normalisations and
+    ``print(plan)`` says over how many units each will normalise (see :func:`compact`).
 
     Example:
         >>> import torch
@@ -199,22 +216,35 @@ def plan_compaction(model: nn.Module, example_inputs: Any) -> Plan:
         >>> [f.module for f in plan.folds]  # the masked row still emits relu(bias[1])
         ['2']
     """
+    _check_flag(allow_inexact)
     graph = trace(model, example_inputs)
-    return _plan(model, graph)
+    return _plan(model, graph, allow_inexact)
 
 
-def _plan(model: nn.Module, graph: Graph) -> Plan:
-    removed = _removed_units(graph)
+def _check_flag(allow_inexact: object) -> None:
+    if not isinstance(allow_inexact, bool):
+        raise PruningTypeError(f"allow_inexact must be True or False, got {allow_inexact!r}")
+
+
+def _plan(model: nn.Module, graph: Graph, allow_inexact: bool = False) -> Plan:
+    removed = _removed_units(graph, allow_inexact)
+    if allow_inexact:
+        keep_groups_even(graph, removed)
     cuts = _cuts(graph, removed)
     folds = _folds(model, graph, removed, cuts)
     attributes = _attributes(model, cuts) + _head_attributes(model, graph, removed)
+    changes = normalisation_changes(graph, removed) if allow_inexact else []
+    if changes:
+        attributes += normalisation_attributes(model, graph, changes, attributes)
+        attributes += width_attributes(model, graph, removed, attributes)
     before = _count(model)
     after = before + _param_change(model, cuts)
     for f in folds:
         weight = shape_of(model.get_submodule(f.module), "weight")
         if f.creates_bias and weight and not any(c.module == f.module and c.tensor == "bias" for c in cuts):
             after += weight[0]  # a new bias, not cut
-    return Plan(tuple(cuts), tuple(folds), tuple(attributes), before, after, _activations(graph, removed))
+    activations = _activations(graph, removed)
+    return Plan(tuple(cuts), tuple(folds), tuple(attributes), before, after, activations, tuple(changes))
 
 
 def _param_change(model: nn.Module, cuts: list[TensorCut]) -> int:
@@ -241,33 +271,42 @@ def _param_change(model: nn.Module, cuts: list[TensorCut]) -> int:
 # ------------------------------------------------------------------------------------------- apply
 
 
-def _apply(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None) -> None:
+def _apply(
+    model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, source: nn.Module | None = None
+) -> None:
+    """Apply ``plan`` to ``model``. ``source``: the model ``model`` was copied from with the cuts made
+    already (see :func:`_copy`); then nothing is sliced, and folds read ``source``'s uncut weights."""
     prune.remove_all(model)
     for fold in plan.folds:
-        _fold(model, fold, optimizer)
-    by_tensor: dict[tuple[str, str], list[TensorCut]] = {}
-    for cut in plan.cuts:
-        by_tensor.setdefault((cut.module, cut.tensor), []).append(cut)
-    for (path, name), cuts in by_tensor.items():
-        _slice(model.get_submodule(path), name, cuts, optimizer)
+        if source is None:
+            _fold(model, fold, optimizer)
+        else:
+            _fold_cut(source, model, fold, plan)
+    if source is None:
+        for (path, name), cuts in _by_tensor(plan).items():
+            _slice(model.get_submodule(path), name, cuts, optimizer)
     for a in plan.attributes:
         setattr(model.get_submodule(a.module), a.name, a.new)
 
 
 def _fold(model: nn.Module, fold: BiasFold, optimizer: torch.optim.Optimizer | None) -> None:
     module = cast(nn.Linear, model.get_submodule(fold.module))  # a Linear or a 1x1 conv
-    weight = module.weight.detach().double()
-    block = weight[:, torch.tensor(fold.columns, dtype=torch.long)]
-    if block.ndim > 2:
-        block = block.flatten(2).sum(-1)  # a 1x1 kernel
-    delta = block @ torch.tensor(fold.constants, dtype=torch.float64)
+    delta = _fold_delta(module.weight, fold)
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=module.weight.dtype))
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
         if optimizer is not None:
             group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
             group["params"].append(module.bias)
     with torch.no_grad():
         module.bias.add_(delta.to(module.bias.dtype))
+
+
+def _fold_delta(weight: torch.Tensor, fold: BiasFold) -> torch.Tensor:
+    """What ``fold`` adds to the bias of the layer with this (uncut) weight, in float64."""
+    block = weight.detach().double()[:, torch.tensor(fold.columns, dtype=torch.long)]
+    if block.ndim > 2:
+        block = block.flatten(2).sum(-1)  # a 1x1 kernel
+    return block @ torch.tensor(fold.constants, dtype=torch.float64)
 
 
 def _slice(
@@ -296,15 +335,65 @@ def _slice(
             param.grad = grad
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy, also of torch-pruned modules whose cached ``weight`` still carries autograd history
-    (deepcopy refuses non-leaf tensors): those are copied detached, the user's model is not touched."""
+def _copy(model: nn.Module, plan: Plan) -> tuple[nn.Module, bool]:
+    """A deep copy of ``model`` (the user's model is not touched), and whether the plan's cuts are made.
+
+    The cuts are made while copying: a tensor to cut (with its ``_orig`` and mask when pruned) is copied
+    already cut, so no big tensor is copied whole only to be sliced (:func:`_apply` with ``source``
+    does the rest). Not when one tensor is shared by two cut names: that one is sliced once, by
+    :func:`_apply`. torch-pruned modules' cached ``weight``, which still carries autograd history
+    (deepcopy refuses non-leaf tensors), is copied detached.
+    """
     memo: dict[int, Any] = {}
     for m in model.modules():
         for value in vars(m).values():
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+    cut = _cut_tensors(model, plan)
+    memo.update(cut or {})
+    return copy.deepcopy(model, memo), cut is not None
+
+
+def _by_tensor(plan: Plan) -> dict[tuple[str, str], list[TensorCut]]:
+    by_tensor: dict[tuple[str, str], list[TensorCut]] = {}
+    for c in plan.cuts:
+        by_tensor.setdefault((c.module, c.tensor), []).append(c)
+    return by_tensor
+
+
+def _cut_tensors(model: nn.Module, plan: Plan) -> dict[int, torch.Tensor] | None:
+    """id of every tensor the plan cuts (a pruned one's ``_orig`` and mask) -> its cut copy; None when
+    one tensor is shared by two cut names (then it is copied whole and sliced once, by ``_apply``)."""
+    cut: dict[int, torch.Tensor] = {}
+    for (path, name), cuts in _by_tensor(plan).items():
+        module = model.get_submodule(path)
+        for key in (name, name + "_orig", name + "_mask"):
+            t = module._parameters.get(key) if key in module._parameters else module._buffers.get(key)
+            if t is None:
+                continue  # a bias a fold creates; or the plain name of a pruned tensor
+            if id(t) in cut:
+                return None
+            with torch.no_grad():
+                small = t.detach()
+                for c in cuts:
+                    small = small.index_select(c.dim, torch.tensor(c.keep, dtype=torch.long))
+            cut[id(t)] = type(t)(small, t.requires_grad) if isinstance(t, nn.Parameter) else small
+    return cut
+
+
+def _fold_cut(model: nn.Module, candidate: nn.Module, fold: BiasFold, plan: Plan) -> None:
+    """:func:`_fold` on a copy whose tensors are cut already: the delta comes from ``model``'s uncut
+    weight (the masked one, as ``prune.remove`` leaves it) and is cut like the bias."""
+    weight = tensor_of(model.get_submodule(fold.module), "weight")
+    assert weight is not None  # a fold targets a Linear or a 1x1 conv
+    delta = _fold_delta(weight, fold)
+    for c in _by_tensor(plan).get((fold.module, "bias"), []):
+        delta = delta.index_select(0, torch.tensor(c.keep, dtype=torch.long))
+    module = cast(nn.Linear, candidate.get_submodule(fold.module))
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(len(delta), dtype=module.weight.dtype))
+    with torch.no_grad():
+        module.bias.add_(delta.to(module.bias.dtype))
 
 
 def compact(
@@ -313,6 +402,7 @@ def compact(
     *,
     inplace: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
+    allow_inexact: bool = False,
 ) -> nn.Module:
     """A model of plain torch layers with every unit the masks make dead removed, verified.
 
@@ -323,6 +413,16 @@ def compact(
     (``out_channels``, ``in_features``, ``num_features``, ...). With ``inplace=True`` the same plan is
     then applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to
     slice its state (SGD momentum, Adam moments) as well.
+
+    Masked units that a normalisation reduces over (a LayerNorm's normalised width, GroupNorm's or
+    ``nn.RMSNorm``'s channels) are kept by default: removing them changes the statistics, so no
+    compaction of them is exact. With ``allow_inexact=True`` they are removed (``normalized_shape`` and
+    ``num_channels`` follow), and verification runs in two parts: the compacted model must reproduce,
+    within 1e-4, the masked model run with those normalisations reducing over the kept units only (so
+    any other change is still caught and raises); then the deviation from the plain masked model, the
+    largest relative error of the outputs on ``example_inputs``, is measured and stated in an
+    :class:`~masksparse.InexactCompactionWarning`, whose ``deviation`` and ``plan`` (with
+    ``plan.deviation`` set) hold it for code.
 
     Example:
         >>> import torch
@@ -338,17 +438,41 @@ def compact(
           (1): ReLU()
           (2): Linear(in_features=2, out_features=2, bias=True)
         )
+
+        Removing half the width a LayerNorm normalises over, on request, with the change measured:
+
+        >>> import warnings
+        >>> from masksparse import InexactCompactionWarning, prune_channels
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> x = torch.randn(16, 4)
+        >>> _ = prune_channels(model, x, 0.5, allow_inexact=True)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     small = compact(model, x, allow_inexact=True)
+        >>> small[1]
+        LayerNorm((4,), eps=1e-05, elementwise_affine=True, bias=True)
+        >>> warning = caught[0].message
+        >>> isinstance(warning, InexactCompactionWarning), warning.deviation > 0
+        (True, True)
     """
+    _check_flag(allow_inexact)
     if optimizer is not None and not inplace:
         raise PruningValueError(
             "an optimizer can only be sliced along with the model it trains: pass inplace=True "
             "(compact(model, inputs, inplace=True, optimizer=opt))"
         )
     graph = trace(model, example_inputs)
-    plan = _plan(model, graph)
-    candidate = _copy(model)
-    _apply(candidate, plan, None)
-    verify(model, candidate, example_inputs, plan, reference=graph.trace.output_tensors)
+    plan = _plan(model, graph, allow_inexact)
+    candidate, cut = _copy(model, plan)
+    _apply(candidate, plan, None, source=model if cut else None)
+    try:
+        verify(model, candidate, example_inputs, plan, reference=graph.trace.output_tensors)
+    except CompactionError as exc:
+        if plan.exact or exc.__cause__ is None:  # only a model that fails to run gets the hint
+            raise
+        raise CompactionError(f"{exc}. {inexact_hint(plan)}") from exc
+    if not plan.exact:
+        state_deviation(plan, deviation(candidate, example_inputs, graph.trace.output_tensors))
     if not inplace:
         return candidate
     _apply(model, plan, optimizer)

@@ -13,7 +13,9 @@ group's parameter slices as the model computes them (masks applied):
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +33,7 @@ __all__ = [
     "reduce_slices",
     "shape_of",
     "tensor_of",
+    "unit_indices",
 ]
 
 Criterion = Callable[[Group, nn.Module], "torch.Tensor | None"]
@@ -73,17 +76,30 @@ def is_parameter(model: nn.Module, member: Member) -> bool:
     return member.tensor in module._parameters or member.tensor + "_orig" in module._parameters
 
 
+def unit_indices(member: Member) -> tuple[torch.Tensor, torch.Tensor]:
+    """The member's indices laid end to end, and the unit each of them belongs to.
+
+    Example:
+        >>> from masksparse.graph import Member
+        >>> flat, unit = unit_indices(Member("fc", "weight", 1, ((0, 4), (1, 5))))
+        >>> flat.tolist(), unit.tolist()
+        ([0, 4, 1, 5], [0, 0, 1, 1])
+    """
+    lengths = np.fromiter(map(len, member.indices), dtype=np.int64, count=len(member.indices))
+    flat = np.fromiter(chain.from_iterable(member.indices), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(flat), torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+
+
 def per_unit(member: Member, per_index: torch.Tensor, size: int) -> torch.Tensor:
     """Sum ``per_index`` (one number per index along the member's dim) over each unit's indices."""
-    flat = torch.tensor([i for idx in member.indices for i in idx], dtype=torch.long)
-    units = torch.tensor([u for u, idx in enumerate(member.indices) for _ in idx], dtype=torch.long)
+    flat, units = unit_indices(member)
     return torch.zeros(size, dtype=torch.float64).index_add_(0, units, per_index[flat].double())
 
 
 def reduce_slices(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
     """``sum |t|^p`` over every dim but ``dim`` (p = 0: the number of non-zeros), without copying."""
     rest = [d for d in range(t.ndim) if d != dim]
-    x = (t != 0).to(torch.float32) if p == 0 else t.abs().pow(p)
+    x = (t != 0).to(torch.float32) if p == 0 else t.abs() if p == 1 else t.abs().pow(p)
     return (x.sum(rest) if rest else x).double()
 
 

@@ -5,6 +5,8 @@ width of the query. Removing whole heads breaks that, so compaction turns the mo
 :class:`CompactMultiheadAttention` in place (its class is swapped; parameters, their names and the
 state_dict keys stay as they were) with the kept number of heads and the original head size, so the
 softmax scale ``1 / sqrt(head_dim)`` does not change.
+
+The compact forms of torchvision's Swin and MaxViT attention are in :mod:`masksparse.torchvision_attention`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["AttributeUpdate", "BiasFold", "Plan", "TensorCut"]
+__all__ = ["AttributeUpdate", "BiasFold", "NormalisationChange", "Plan", "TensorCut"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,34 @@ class AttributeUpdate:
 
 
 @dataclass(frozen=True)
+class NormalisationChange:
+    """A normalisation in ``module`` that will reduce over ``kept`` of ``size`` units along ``dim`` of its
+    input (``keep``), not all of them: the one change compaction makes that is not exact (planned only
+    with ``allow_inexact=True``). ``op`` is the aten operation, ``call`` its position among the
+    eval-mode calls of that operation, which is how verification finds it again."""
+
+    module: str
+    op: str
+    dim: int
+    size: int
+    keep: tuple[int, ...]
+    call: int
+
+    @property
+    def kept(self) -> int:
+        """How many units the normalisation still reduces over."""
+        return len(self.keep)
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What compaction will do; building it changes nothing. ``print(plan)`` shows it."""
+    """What compaction will do; building it changes nothing. ``print(plan)`` shows it.
+
+    ``normalisations`` lists the normalisations that will reduce over fewer units (only with
+    ``allow_inexact=True``); ``deviation`` is then the measured largest relative error of the
+    outputs on the example inputs, measured by :func:`masksparse.compact` (``None`` until then, and in
+    an exact plan).
+    """
 
     cuts: tuple[TensorCut, ...]
     folds: tuple[BiasFold, ...]
@@ -53,6 +79,13 @@ class Plan:
     params_after: int
     # for diagnosing a failed verification: module path -> kept indices per dim of its output
     activations: tuple[tuple[str, tuple[tuple[int, ...] | None, ...]], ...] = field(repr=False, default=())
+    normalisations: tuple[NormalisationChange, ...] = ()
+    deviation: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the compacted model computes what the masked one does (no normalisation changes)."""
+        return not self.normalisations
 
     def __str__(self) -> str:
         ratio = self.params_after / max(self.params_before, 1)
@@ -72,7 +105,26 @@ class Plan:
             )
         for a in self.attributes:
             lines.append(f"set: {a.module}.{a.name} = {a.new!r} (was {a.old!r})")
+        lines += self._inexact_lines()
         return "\n".join(lines)
+
+    def _inexact_lines(self) -> list[str]:
+        if not self.normalisations:
+            return []
+        measured = (
+            "not measured yet (compact measures it)"
+            if self.deviation is None
+            else f"max relative error {self.deviation:.3g} on the example inputs"
+        )
+        lines = [f"inexact (allow_inexact=True): outputs change, {measured}"]
+        for n in self.normalisations:
+            dim = (
+                f" (dim {n.dim})"
+                if sum((m.op, m.call) == (n.op, n.call) for m in self.normalisations) > 1
+                else ""
+            )
+            lines.append(f"  {n.module or '<model>'}: normalises over {n.kept} of {n.size} channels{dim}")
+        return lines
 
 
 def _short(indices: tuple[int, ...], limit: int = 8) -> str:

@@ -21,14 +21,15 @@ from masksparse import prune
 from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
+from masksparse.graph.inexact import inexact_units
 from masksparse.importance import (
     Criterion,
     criterion,
     is_parameter,
     per_unit,
-    reduce_slices,
     shape_of,
     tensor_of,
+    unit_indices,
 )
 
 __all__ = ["prune_channels"]
@@ -93,15 +94,25 @@ def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
             continue
         t = tensor_of(model.get_submodule(m.module), m.tensor)
         if t is not None:
-            alive |= per_unit(m, reduce_slices(t, m.dim, 0), group.size) > 0
+            # any() reads the values in place: no weight-sized temporary (NaN counts as non-zero)
+            rest = tuple(d for d in range(t.ndim) if d != m.dim)
+            nonzero = t.any(dim=rest) if rest else t != 0
+            alive |= per_unit(m, nonzero.double(), group.size) > 0
     return ~alive
 
 
 def _candidates(
-    model: nn.Module, graph: Graph, amount: float | int, amounts: dict[str, float | int], ignored: list[str]
+    model: nn.Module,
+    graph: Graph,
+    amount: float | int,
+    amounts: dict[str, float | int],
+    ignored: list[str],
+    allow_inexact: bool = False,
 ) -> list[_Candidate]:
     found = []
     heads = fixed_heads(model, graph)
+    # units only a normalisation blocks count as free when the user accepts the change it makes
+    inexact = inexact_units(graph) if allow_inexact else {}
     for group in graph.groups:
         if any(_under(m.module, p) for m in group.members for p in ignored):
             continue
@@ -116,7 +127,11 @@ def _candidates(
                 f"them does there. Register a rule (masksparse.graph.register_rule) or list the module in "
                 f"ignored_layers."
             )
-        if group.prunable and not any(u in heads for u in group.units):
+        prunable = group.prunable or (
+            bool(inexact)
+            and all(u in inexact or (u not in graph.fixed and u not in graph.unknown) for u in group.units)
+        )
+        if prunable and not any(u in heads for u in group.units):
             found.append(_Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, group)))
     return found
 
@@ -187,14 +202,18 @@ def _select_global(cands: list[_Candidate], amount: float | int, round_to: int |
 def _write_masks(model: nn.Module, selections: list[tuple[Group, torch.Tensor]]) -> None:
     masks: dict[tuple[str, str], torch.Tensor] = {}
     for group, units in selections:
+        if len(units) == 0:
+            continue
+        chosen = torch.zeros(group.size, dtype=torch.bool)
+        chosen[units] = True
         for m in group.members:
-            if not is_parameter(model, m) or len(units) == 0:
+            if not is_parameter(model, m):
                 continue
             shape = shape_of(model.get_submodule(m.module), m.tensor)
             assert shape is not None
             mask = masks.setdefault((m.module, m.tensor), torch.ones(shape, dtype=torch.bool))
-            index = torch.tensor([i for u in units.tolist() for i in m.indices[u]], dtype=torch.long)
-            mask.index_fill_(m.dim, index, False)
+            flat, unit = unit_indices(m)
+            mask.index_fill_(m.dim, flat[chosen[unit]], False)
     for (path, name), mask in masks.items():
         prune.custom_from_mask(model.get_submodule(path), name, mask)
 
@@ -209,8 +228,16 @@ def prune_channels(
     amounts: Mapping[nn.Module | str, float | int] | None = None,
     ignored_layers: Iterable[nn.Module | str] = (),
     round_to: int | None = None,
+    allow_inexact: bool = False,
 ) -> nn.Module:
     """Mask the least important channels of every prunable group, on every tensor that owns them.
+
+    By default a group that no compaction can remove exactly is left alone: the channels a LayerNorm,
+    GroupNorm or ``nn.RMSNorm`` normalises over (a transformer's hidden width) among them, since
+    removing one changes the statistics over the rest. ``allow_inexact=True`` prunes those too (the
+    normalisation's own weight and bias entries are masked like every other member);
+    :func:`masksparse.compact` with ``allow_inexact=True`` then removes them and states how much the
+    outputs change. Groups blocked for any other reason stay untouched either way.
 
     Args:
         model: the model; pruned in place (torch-style ``<name>_orig`` / ``<name>_mask``).
@@ -227,6 +254,9 @@ def prune_channels(
             module inside it.
         ignored_layers: modules (or paths) whose tensors are never shrunk: their groups are skipped.
         round_to: keep a multiple of this many units per group (rounding the kept count up).
+        allow_inexact: also prune groups blocked only because a normalisation reduces over them
+            (see above). A GroupNorm needs a multiple of its groups: compaction keeps back as few
+            masked channels as that takes.
 
     Returns:
         ``model``.
@@ -242,17 +272,27 @@ def prune_channels(
         >>> _ = prune_channels(model, torch.randn(1, 3, 8, 8), 0.5)
         >>> int((model[0].weight_mask.flatten(1).any(1)).sum()), int(model[3].weight_mask.any(0).sum())
         (4, 4)
+
+        The hidden width a LayerNorm normalises over is pruned only on request:
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> _ = prune_channels(model, torch.randn(3, 4), 0.5, allow_inexact=True)
+        >>> ln_kept = model[1].weight_mask
+        >>> torch.equal(ln_kept, model[0].bias_mask), int(ln_kept.sum())  # the same 4 of 8 units
+        (True, 4)
     """
     amount = _check_amount(amount, "amount")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    if not isinstance(allow_inexact, bool):
+        raise PruningTypeError(f"allow_inexact must be True or False, got {allow_inexact!r}")
     score = criterion(importance)
     per_module = {
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
     }
     ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
     graph = trace(model, example_inputs)
-    cands = _candidates(model, graph, amount, per_module, ignored)
+    cands = _candidates(model, graph, amount, per_module, ignored, allow_inexact)
     for c in cands:
         c.scores = score(c.group, model)
     own = [

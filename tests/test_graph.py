@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from masksparse._errors import CompactionError
@@ -538,6 +539,16 @@ def _layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.transpose(1, 3), (x.shape[1],)).transpose(1, 3)
 
 
+def _tiny_swin() -> nn.Module:
+    return torchvision.models.swin_transformer.SwinTransformer([4, 4], 8, [2], [2], [4, 4], num_classes=3)
+
+
+def _tiny_maxvit() -> nn.Module:
+    return torchvision.models.maxvit.MaxVit(
+        (16, 16), 8, 2, [8], [1], head_dim=4, stochastic_depth_prob=0.0, num_classes=3
+    )
+
+
 def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]:
     """name -> (model factory, input shape, whether compaction must shrink it)."""
     acts = {
@@ -585,6 +596,8 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
         aux_head=(AuxNet, img, True),
         pooled_tokens=(PooledTokens, img, True),
         restrided=(Restrided, img, True),
+        swin_attention=(_tiny_swin, (1, 3, 16, 16), True),
+        maxvit_attention=(_tiny_maxvit, (1, 3, 16, 16), True),
     )  # fmt: skip
     return cases
 
@@ -594,7 +607,7 @@ CASES = _cases()
 NOT_EXERCISED = {
     # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,
     # composite ops that reach the dispatcher already decomposed)
-    "reshape", "flatten", "alias", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
+    "reshape", "flatten", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
     "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes",
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
     "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "full_like",

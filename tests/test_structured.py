@@ -8,9 +8,9 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from masksparse import MaskSparseError, PruningTypeError, PruningValueError
-from masksparse.graph import Group
+from masksparse.graph import Group, trace
 from masksparse.importance import tensor_of
-from masksparse.structured import prune_channels
+from masksparse.structured import _dead_units, _write_masks, prune_channels
 from tests.models import ChannelCumsum
 
 
@@ -202,3 +202,25 @@ def test_masks_are_bool_buffers_with_torch_keys() -> None:
     keys = set(model.state_dict())
     assert {"0.weight_orig", "0.weight_mask", "1.bias_orig", "3.weight_mask"} <= keys
     assert torch_prune.is_pruned(model)
+
+
+def test_dead_units_and_masks_cover_every_index_of_a_unit() -> None:
+    """A unit owning nine Linear columns behind a flatten: dead only when every entry of every member
+    is zero (a NaN keeps it alive, as a count of non-zeros would), and masked on all nine columns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    graph = trace(model, torch.randn(2, 3, 5, 5))
+    group = next(g for g in graph.groups if g.prunable)
+    columns = next(m for m in group.members if m.module == "3")
+    assert group.size == 4 and columns.indices[2] == tuple(range(18, 27))
+    with torch.no_grad():
+        for unit in (1, 2):
+            model[0].weight[unit], model[0].bias[unit] = 0.0, 0.0
+            model[3].weight[:, 9 * unit : 9 * unit + 9] = 0.0
+        model[0].weight[2, 0, 0, 0] = float("nan")
+    assert _dead_units(model, group).tolist() == [False, True, False, False]
+    _write_masks(model, [(group, torch.tensor([0, 3]))])
+    gone = torch.tensor([u in (0, 3) for u in range(4)])
+    assert torch.equal(model[3].weight_mask, ~gone.repeat_interleave(9)[None, :].expand(2, 36))
+    assert torch.equal(model[0].weight_mask, ~gone[:, None, None, None].expand(4, 3, 3, 3))
+    assert torch.equal(model[0].bias_mask, ~gone)

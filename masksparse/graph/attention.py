@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from masksparse.graph.heads import head_swap
 from masksparse.graph.layers import _softmax
-from masksparse.graph.layout import _pointwise, _pointwise_transfer, _where
+from masksparse.graph.layout import _carry_except, _fill, _pointwise, _pointwise_transfer, _probe, _where
 from masksparse.graph.record import Node, Value
-from masksparse.graph.rules import Relations, States, register_rule
+from masksparse.graph.rules import Relations, Rule, States, register_rule, rule_for
 
 aten = torch.ops.aten
 
@@ -210,3 +211,107 @@ def _mul_scalar(node: Node, rel: Relations) -> None:
                 f"scaled_dot_product_attention: shrinking it would change the scale (pass scale= to let "
                 f"it shrink)",
             )
+
+
+# ------------------------------------------------------------ modules compaction swaps: Swin, MaxViT
+
+
+def _qkv_third(node: Node, x: Value, dim: int, start: int, length: int) -> bool:
+    """Is ``x[..., start : start + length]`` one of the q, k, v thirds of the last dimension, inside a
+    module whose swapped class (:func:`~masksparse.graph.heads.register_head_swap`) recomputes the thirds
+    from its width? Only whole heads go from each third, so the thirds stay equal."""
+    if head_swap(node.module_type) is None or dim != x.ndim - 1 or x.shape[dim] % 3:
+        return False
+    third = x.shape[dim] // 3
+    return third > 0 and length == third and start % third == 0
+
+
+def _carry_third(node: Node, rel: Relations, x: Value, out: Value, dim: int, start: int) -> None:
+    """The third carries slots ``start + i`` of ``x``; the other dimensions pass through."""
+    n = out.shape[dim]
+    rel.carry(x, dim, out, dim, src_index=start + np.arange(n), dst_index=np.arange(n))
+    _carry_except(node, rel, x, out, dim, True)
+
+
+def _layout_rule(op: torch._ops.OpOverload) -> Rule:
+    found = rule_for(op)
+    if found is None:  # layout registers it, and is imported above
+        raise ImportError(f"masksparse.graph.layout registers no rule for {op}")
+    return found
+
+
+_plain_slice = _layout_rule(aten.slice.Tensor)
+_plain_split = _layout_rule(aten.split.Tensor)
+
+
+@register_rule(aten.slice.Tensor, transfer=_plain_slice.transfer)
+def _slice_qkv(node: Node, rel: Relations) -> None:
+    """A q, k or v third of a fused projection in a swapped module (see :func:`_qkv_third`) follows its
+    units; any other slice is layout's (its fixed bounds fix the dimension)."""
+    x, out = node.inputs[0], node.outputs[0]
+    dim = node.arg(1, "dim", 0) % max(x.ndim, 1)
+    start = node.arg(2, "start", None) or 0
+    start = start + x.shape[dim] if start < 0 else start
+    if node.arg(4, "step", 1) == 1 and _qkv_third(node, x, dim, start, out.shape[dim]):
+        _carry_third(node, rel, x, out, dim, start)
+    else:
+        _plain_slice.relate(node, rel)
+
+
+@register_rule(aten.split.Tensor, transfer=_plain_split.transfer)
+def _split_qkv(node: Node, rel: Relations) -> None:
+    """``torch.chunk(qkv, 3, dim=-1)`` in a swapped module: each third follows its units (see
+    :func:`_qkv_third`); any other split is layout's."""
+    x = node.inputs[0]
+    dim = node.arg(2, "dim", 0) % max(x.ndim, 1)
+    outs = node.outputs
+    if len(outs) == 3 and all(
+        _qkv_third(node, x, dim, k * o.shape[dim], o.shape[dim]) for k, o in enumerate(outs)
+    ):
+        for k, out in enumerate(outs):
+            _carry_third(node, rel, x, out, dim, k * out.shape[dim])
+    else:
+        _plain_split.relate(node, rel)
+
+
+_plain_view = _layout_rule(aten.view.default)
+
+
+@register_rule(
+    aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default, transfer=_plain_view.transfer
+)
+def _view_one_head(node: Node, rel: Relations) -> None:
+    """Layout's reshape rule; in a swapped module, a reshape to ``(..., 1, head_dim)`` also keeps its
+    last dimension. With a single head, layout sees no split there (sizes of 1 are left out) and would
+    let the head's features go one by one; the swapped class removes whole heads only."""
+    _plain_view.relate(node, rel)
+    x, out = node.inputs[0], node.outputs[0]
+    if head_swap(node.module_type) is not None and out.ndim > max(x.ndim, 1) and out.shape[-2] == 1:
+        rel.block(out, -1, f"the size of the one head of {_where(node)}, whose module loses whole heads only")
+
+
+@register_rule(aten.zero_)
+def _zero(node: Node, rel: Relations) -> None:
+    """Swin v2 zeroes its k bias in place: as ``fill_``, same shape, contents unrelated."""
+    _fill(node, rel)
+
+
+@register_rule(aten.linalg_vector_norm, transfer=_probe)
+def _vector_norm(node: Node, rel: Relations) -> None:
+    """``linalg_vector_norm(x, ord, dim, keepdim)``, as ``F.normalize`` computes it: of an order above
+    zero it sums ``|x|**ord`` (or takes the largest ``|x|``) over the reduced dimensions, where zero
+    units add nothing and can go; other orders depend on every unit. Other dimensions pass through."""
+    x = node.inputs[0]
+    order = node.arg(1, "ord", 2)
+    dims = node.arg(2, "dim", None)
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    reduced = sorted({d % x.ndim for d in dims}) if dims else list(range(x.ndim))
+    for d in reduced:
+        if isinstance(order, (int, float)) and order > 0:
+            rel.contract(x, d, None)
+        else:
+            rel.block(x, d, f"reduced over by {_where(node)} (a norm of order {order})")
+    keepdim = bool(node.arg(3, "keepdim", False))
+    kept = [d for d in range(x.ndim) if d not in reduced]
+    for j, d in enumerate(kept):
+        rel.tie(x, d, node.outputs[0], d if keepdim else j)

@@ -7,6 +7,9 @@ the same tensors the same way (the 64 channels of one residual stream, say) form
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -148,15 +151,19 @@ def _fixed_slots(graph: Graph, blocked: list[tuple[np.ndarray, str]], labels: np
     return fixed_units[labels]
 
 
-def _choose(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]) -> None:
+def _choose(
+    graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]], base: np.ndarray
+) -> None:
     """Pick, for every reshape that splits or merges a dimension, the part that follows it.
 
     ``rels`` were related with every split following its leading part and the other parts left free.
-    A part is free when nothing fixes its units in that graph; the first free part is chosen (the
-    leading one when none is): ``(B, N, 3, H, hd)`` unbound along the 3 follows H, and
+    A part is free when nothing fixes its units in that graph; the first free part whose units hold a
+    parameter is chosen, else the first free part (the leading one when none is free):
+    ``(B, N, 3, H, hd)`` unbound along the 3 follows H, and
     ``(B, H) -> B*H`` before a batched matmul follows H as well, B being tied to the model input.
+    ``base``: the labels of the ties of every node without a split.
     """
-    labels = _labels(graph, rels)
+    labels = _merged(graph, base, [r for r in rels if r[0].splits])
     blocked = [b for _, blocked in rels for b in blocked] + _static_blocks(graph)
     # An op without a rule fixes what it touches here, so that a choice never exposes units to it.
     blocked += [
@@ -167,26 +174,54 @@ def _choose(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str
         for d in range(v.ndim)
     ]
     fixed = _fixed_slots(graph, blocked, labels)
+    # Among free parts, one whose units hold parameter slots first: following a part no parameter
+    # shares (MaxViT's windows, merged with its heads before a batched matmul) removes nothing.
+    owned = np.zeros(graph.n_slots, dtype=bool)
+    for v in graph.trace.values:
+        if v.source is not None and not v.source[1].endswith("_mask"):
+            for d in range(v.ndim):
+                owned[labels[graph.slots(v, d)]] = True
     for i, (rel, _) in enumerate(rels):
         if not rel.splits:
             continue
         choices = {}
         for k, split in enumerate(rel.splits):
             free = [p for p, d in enumerate(split.dims) if not fixed[graph.slots(split.parts, d)].any()]
-            choices[k] = free[0] if free else 0
+            useful = [p for p in free if owned[labels[graph.slots(split.parts, split.dims[p])]].any()]
+            choices[k] = (useful or free or [0])[0]
         rels[i] = _relate_node(graph, rel.node, choices)
 
 
-def _labels(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]) -> np.ndarray:
-    edges_a: list[np.ndarray] = []
-    edges_b: list[np.ndarray] = []
+def _edges(
+    graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    edges_a: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    edges_b: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     for rel, _ in rels:
         for a, da, ia, b, db, ib, _carry in rel.ties:
             edges_a.append(graph.slots(a, da, ia))
             edges_b.append(graph.slots(b, db, ib))
-    if not edges_a:
-        return np.arange(graph.n_slots)
-    return _components(graph.n_slots, np.concatenate(edges_a), np.concatenate(edges_b))
+    return np.concatenate(edges_a), np.concatenate(edges_b)
+
+
+def _labels(graph: Graph, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]) -> np.ndarray:
+    a, b = _edges(graph, rels)
+    return _components(graph.n_slots, a, b) if len(a) else np.arange(graph.n_slots)
+
+
+def _merged(
+    graph: Graph, base: np.ndarray, rels: list[tuple[Relations, list[tuple[np.ndarray, str]]]]
+) -> np.ndarray:
+    """``base`` labels (each slot's smallest member) joined by the ties of ``rels``: the components of
+    both, solved on the few base labels those ties touch rather than on every slot again."""
+    a, b = _edges(graph, rels)
+    if not len(a):
+        return base
+    touched, at = np.unique(np.concatenate([base[a], base[b]]), return_inverse=True)
+    joined = _components(len(touched), at[: len(a)], at[len(a) :])  # sorted: smallest label first
+    remap = np.arange(graph.n_slots)
+    remap[touched] = touched[joined]
+    return remap[base]
 
 
 def _static_blocks(graph: Graph) -> list[tuple[np.ndarray, str]]:
@@ -204,11 +239,14 @@ def _static_blocks(graph: Graph) -> list[tuple[np.ndarray, str]]:
 
 def _relate(graph: Graph) -> None:
     rels = [_relate_node(graph, node, cut=True) for node in graph.trace.nodes]
+    # The ties of nodes without a reshape split do not depend on any choice: solved once, then joined
+    # with the split nodes' ties as chosen.
+    base = _labels(graph, [r for r in rels if not r[0].splits])
     if any(rel.splits for rel, _ in rels):
-        _choose(graph, rels)
+        _choose(graph, rels, base)
     graph.relations = [rel for rel, _ in rels]
     graph.blocked = [b for _, blocked in rels for b in blocked] + _static_blocks(graph)
-    graph.labels = _labels(graph, rels)
+    graph.labels = _merged(graph, base, [r for r in rels if r[0].splits])
 
 
 def _transfer(graph: Graph) -> None:
@@ -246,8 +284,9 @@ def _contractions(graph: Graph) -> None:
             uses[c.fold] = uses.get(c.fold, 0) + 1
     for c in contractions:
         xs = graph.states.get(c.x, c.x_dim)[c.x_index]
-        ws = graph.states.get(c.w, c.w_dim)[c.w_index] if c.w is not None else np.full(len(xs), np.nan)
-        dead = (xs == 0) | (ws == 0)
+        dead = xs == 0
+        if c.w is not None:
+            dead |= graph.states.zero(c.w, c.w_dim)[c.w_index]
         # A bias absorbs a constant for every call of its module: fold only into single-use modules.
         foldable = c.fold is not None and uses[c.fold] == 1
         fold = ~dead & np.isfinite(xs) if foldable else np.zeros(len(xs), dtype=bool)
@@ -318,27 +357,44 @@ def _groups(graph: Graph) -> tuple[Group, ...]:
     n_keys = np.bincount(inverse)
     sizes = np.bincount(graph.labels, minlength=graph.n_slots)
     first_pair = np.r_[0, np.cumsum(n_keys)[:-1]]
-    families: dict[int, list[int]] = {}
-    for u_pos, sig in enumerate(signature.tolist()):
-        families.setdefault(sig, []).append(u_pos)
+    flagged = np.zeros(graph.n_slots, dtype=bool)  # units with a reason to keep them
+    flagged[list(graph.fixed) + list(graph.unknown)] = True
     groups = []
-    for positions in families.values():
+    for positions in _families(signature):
         p0 = first_pair[positions[0]]
         lone = n_keys[positions[0]] == 1 and sizes[ulist[positions[0]]] == ends[p0] - starts[p0]
         if lone:
             continue  # a dimension no rule ties to anything (a kernel dim): not worth listing
-        positions.sort(key=lambda q: int(index[starts[first_pair[q]]]))
+        positions = positions[np.argsort(index[starts[first_pair[positions]]], kind="stable")]
         members = []
         for k in range(n_keys[positions[0]]):
             path, name, d = keys[pair_key[p0 + k]]
-            per_unit = tuple(
-                tuple(index[starts[first_pair[q] + k] : ends[first_pair[q] + k]].tolist()) for q in positions
-            )
-            members.append(Member(path, name, d, per_unit))
-        units = tuple(int(ulist[q]) for q in positions)
-        bad = next((r for r in (_reason(graph, u) for u in units) if r), "")
-        groups.append(Group(tuple(members), len(units), not bad, bad, units))
+            pairs = first_pair[positions] + k
+            members.append(Member(path, name, d, _per_unit(index, starts[pairs], ends[pairs])))
+        units = ulist[positions]
+        hits = np.flatnonzero(flagged[units])
+        bad = _reason(graph, int(units[hits[0]])) if len(hits) else ""
+        groups.append(Group(tuple(members), len(units), not bad, bad, tuple(units.tolist())))
     return tuple(groups)
+
+
+def _families(signature: np.ndarray) -> list[np.ndarray]:
+    """Positions sharing a signature: families in order of first appearance, positions ascending."""
+    _, first, inverse = np.unique(signature, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+    return [order[bounds[f] : bounds[f + 1]] for f in np.argsort(first).tolist()]
+
+
+def _per_unit(index: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """``index[starts[u]:ends[u]]`` for every unit ``u``, as tuples; built without a Python loop over
+    units when every unit has the same number of indices (one, mostly)."""
+    lengths = ends - starts
+    if (lengths == lengths[0]).all():
+        if lengths[0] == 1:
+            return tuple(zip(index[starts].tolist()))
+        return tuple(map(tuple, index[starts[:, None] + np.arange(lengths[0])].tolist()))
+    return tuple(tuple(index[a:b].tolist()) for a, b in zip(starts.tolist(), ends.tolist()))
 
 
 def _reason(graph: Graph, unit: int) -> str:
@@ -351,10 +407,26 @@ def _reason(graph: Graph, unit: int) -> str:
 
 def build(trace: Trace) -> Graph:
     """Analyse a :class:`~masksparse.graph.record.Trace` into a :class:`Graph`."""
-    graph = Graph(trace)
-    _relate(graph)
-    _transfer(graph)
-    _contractions(graph)
-    _flags(graph)
-    graph.groups = _groups(graph)
+    with _gc_paused():
+        graph = Graph(trace)
+        _relate(graph)
+        _transfer(graph)
+        _contractions(graph)
+        _flags(graph)
+        graph.groups = _groups(graph)
     return graph
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while the analysis runs: it allocates objects by the hundred
+    thousand (the groups' index tuples), none of them garbage in cycles, and the collections those
+    allocations trigger walk them and every other live object (a full one takes about 0.2 s in a
+    process that imported torchvision)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -7,11 +7,21 @@ head size ``hd`` never does (only whole heads are removed), so the softmax scale
 ``nn.MultiheadAttention``'s fused kernel splits nothing the trace sees: its rule
 (:mod:`masksparse.graph.attention`) ties each head's slots directly, and a slicer switches the module's
 class (:class:`masksparse.modules.CompactMultiheadAttention`).
+
+Some attention modules derive the head size from the head count (torchvision's Swin computes
+``C // num_heads`` from its input width ``C``) or reshape their heads back to their input width
+(MaxViT): their own forward cannot run with fewer heads. A class registered with
+:func:`register_head_swap` names the attribute holding its number of heads and the class compaction
+swaps such a module to, whose forward computes the same thing with fewer heads of the same size; its
+heads then prune like any others.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +32,66 @@ from masksparse.graph.groups import Graph
 from masksparse.graph.record import Node
 from masksparse.graph.rules import Split
 
-__all__ = ["HeadSplit", "fixed_heads", "head_attribute", "shrunk_splits"]
+__all__ = [
+    "HeadSplit",
+    "HeadSwap",
+    "fixed_heads",
+    "head_attribute",
+    "head_swap",
+    "register_head_swap",
+    "shrunk_splits",
+]
+
+
+@dataclass(frozen=True)
+class HeadSwap:
+    """How a registered attention class loses heads: ``heads`` names its attribute holding the number
+    of heads, ``compact`` the class compaction swaps a module that loses heads to (its forward keeps
+    the head size apart from the number of heads)."""
+
+    heads: str
+    compact: type
+
+
+_SWAPS: dict[type, HeadSwap] = {}
+
+
+def register_head_swap(types: Iterable[type], *, heads: str, compact: type) -> None:
+    """Let the heads of modules of exactly ``types`` go, by swapping them to ``compact`` at compaction.
+
+    ``compact`` (a subclass with the same parameters and state_dict keys) must compute what each of
+    ``types`` computes, with ``heads`` heads of the head size the module had; registering ``compact``
+    itself among ``types`` lets a compacted model lose heads again. Subclasses are not covered: their
+    forward may differ. A slicer (:func:`masksparse.slicers.register_slicer`) does the swap.
+
+    Example:
+        >>> from torch import nn
+        >>> from masksparse.graph.heads import head_swap, register_head_swap
+        >>> class Attention(nn.Module): ...
+        >>> class CompactAttention(Attention): ...
+        >>> register_head_swap([Attention, CompactAttention], heads="num_heads", compact=CompactAttention)
+        >>> head_swap(Attention).compact is CompactAttention
+        True
+    """
+    for t in types:
+        _SWAPS[t] = HeadSwap(heads, compact)
+
+
+# Modules defining classes that masksparse ships swaps for -> the masksparse module registering them,
+# imported on first use so that ``import masksparse`` does not import torchvision.
+_SHIPPED = {
+    "torchvision.models.swin_transformer": "masksparse.torchvision_attention",
+    "torchvision.models.maxvit": "masksparse.torchvision_attention",
+}
+
+
+def head_swap(module_type: type | None) -> HeadSwap | None:
+    """The registered swap of ``module_type`` (the class a masked module's class stands for), or None."""
+    base = getattr(module_type, "_masksparse_base", module_type)
+    shipped = _SHIPPED.get(getattr(base, "__module__", ""))
+    if shipped is not None and shipped not in sys.modules:
+        importlib.import_module(shipped)
+    return _SWAPS.get(base)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -93,7 +162,8 @@ def head_attribute(module: nn.Module, split: HeadSplit) -> str:
     Several candidates narrow to names that speak of heads and not of a size or dim
     (``num_heads`` over ``head_dim`` when the two are equal); anything else is refused rather than
     guessed. The head size ``split.inner`` must be held in another attribute: a forward that derives
-    it (``C // num_heads``) would change it once heads are removed.
+    it (``C // num_heads``) would change it once heads are removed. A class with a registered swap
+    (:func:`register_head_swap`) names its attribute, and its swap keeps the head size.
 
     Example:
         >>> import torch
@@ -103,6 +173,13 @@ def head_attribute(module: nn.Module, split: HeadSplit) -> str:
         >>> head_attribute(attn, HeadSplit("attn", None, 4, 3, inner=4))
         'num_heads'
     """
+    swap = head_swap(type(module))
+    if swap is not None:
+        if getattr(module, swap.heads, None) != split.size:
+            raise _refused(
+                module, split, f"holds {getattr(module, swap.heads, None)!r} heads in {swap.heads}"
+            )
+        return swap.heads
     ints = [
         k for k, v in vars(module).items() if type(v) is int and v == split.size and not k.startswith("_")
     ]

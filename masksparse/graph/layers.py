@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from masksparse.graph.inexact import Inexact
 from masksparse.graph.layout import _operand, _probe, _where
 from masksparse.graph.record import Node, Value
 from masksparse.graph.rules import Relations, States, register_rule
@@ -93,9 +94,15 @@ def _conv_transfer(node: Node, rel: Relations, states: States) -> None:
     c = x.ndim - (w.ndim - 2) - 1
     s = states.get(x, c)
     n_out, per_group = w.shape[0], w.shape[1]
-    lo, hi = states.minmax(w)
-    nz = ~((lo == 0) & (hi == 0))  # (n_out, per_group): does output o read input j at all
-    s_o = s.reshape(groups, per_group)[np.arange(n_out) // (n_out // groups)]
+    nz = states.nonzero(w)  # (n_out, per_group): does output o read input j at all
+    bias = states.get(b, 0) if isinstance(b, Value) else np.zeros(n_out)
+    if not np.isfinite(s).any():
+        # No input channel is a known constant (so in every unmasked model): only an output channel
+        # that reads nothing is one, its bias.
+        states.set(out, c, np.where(nz.any(1), np.nan, bias))
+        return
+    # The input constants each output channel meets; one row broadcast to all when not grouped.
+    s_o = s[None, :] if groups == 1 else s.reshape(groups, per_group)[np.arange(n_out) // (n_out // groups)]
     padded = any(p != 0 for p in node.args[4])
     need = s_o == 0 if padded else np.isfinite(s_o)
     ok = np.all(~nz | need, axis=1)
@@ -104,7 +111,6 @@ def _conv_transfer(node: Node, rel: Relations, states: States) -> None:
     if use.any():
         wsum = w.tensor.detach().reshape(n_out, per_group, -1).sum(-1).double().numpy()
         contrib = np.where(use, wsum * np.nan_to_num(s_o), 0.0).sum(1)
-    bias = states.get(b, 0) if isinstance(b, Value) else np.zeros(n_out)
     states.set(out, c, np.where(ok, bias + contrib, np.nan))
 
 
@@ -148,17 +154,16 @@ def _mm_transfer(node: Node, rel: Relations, states: States) -> None:
         return
     s = states.get(x, 1)
     known = np.isfinite(s)
-    w = wt.tensor.detach()
     if known.all():
         ok = np.ones(out.shape[1], dtype=bool)
     elif known.any():
-        ok = ~(w[torch.from_numpy(~known)] != 0).any(0).numpy()
+        ok = ~states.nonzero(wt)[~known].any(0)
     else:
-        ok = states.get(wt, 1) == 0
+        ok = states.zero(wt, 1)
     value = np.zeros(out.shape[1])
-    if known.any():
-        rows = torch.from_numpy(known)
-        value = (torch.from_numpy(s[known]) @ w[rows].double()).numpy() * node.arg(4, "alpha", 1)
+    if known.any() and ok.any():  # no sum to take when no output column comes out constant
+        w = wt.tensor.detach()[torch.from_numpy(known)].double()
+        value = (torch.from_numpy(s[known]) @ w).numpy() * node.arg(4, "alpha", 1)
     if isinstance(bias, Value):
         value = value + node.arg(3, "beta", 1) * _operand(bias, 1, out, states)
     states.set(out, 1, np.where(ok, value, np.nan))
@@ -244,9 +249,14 @@ register_rule(
 )(_batch_norm)
 
 
+def _normalised(what: str) -> Inexact:
+    return Inexact(f"{what} (not exact to prune; allow_inexact=True prunes it anyway)")
+
+
 @register_rule(aten.native_layer_norm)
 def _layer_norm(node: Node, rel: Relations) -> None:
-    """Layer norm normalises over its last dims: removing a unit there changes every output."""
+    """Layer norm normalises over its last dims: removing a unit there changes every output, so they
+    are blocked with an :class:`~masksparse.graph.inexact.Inexact` reason (removable on request)."""
     x, out = node.args[0], node.outputs[0]
     k = len(node.args[1])
     for d in range(x.ndim):
@@ -256,7 +266,7 @@ def _layer_norm(node: Node, rel: Relations) -> None:
             for j in range(k):
                 rel.tie(v, j, x, x.ndim - k + j)
     for d in range(x.ndim - k, x.ndim):
-        rel.block(x, d, f"normalised over by {_where(node)} (not exact to prune)")
+        rel.block(x, d, _normalised(f"normalised over by {_where(node)}"))
     for extra in node.outputs[1:]:
         for d in range(x.ndim - k):
             rel.tie(x, d, extra, d)
@@ -264,13 +274,14 @@ def _layer_norm(node: Node, rel: Relations) -> None:
 
 @register_rule(aten.native_group_norm)
 def _group_norm(node: Node, rel: Relations) -> None:
+    """Group norm normalises each group of channels: the channels are blocked as a layer norm's are."""
     x, out = node.args[0], node.outputs[0]
     for d in range(x.ndim):
         rel.tie(x, d, out, d)
     for v in (node.args[1], node.args[2]):
         if isinstance(v, Value):
             rel.tie(v, 0, x, 1)
-    rel.block(x, 1, f"channels normalised in groups by {_where(node)} (not exact to prune)")
+    rel.block(x, 1, _normalised(f"channels normalised in groups by {_where(node)}"))
     for extra in node.outputs[1:]:
         rel.tie(x, 0, extra, 0)
 
@@ -322,6 +333,10 @@ def _reduced_dims(node: Node, x: Value) -> list[int]:
     return sorted({d % x.ndim for d in dims})
 
 
+def _in_rms_norm(node: Node) -> bool:
+    return node.module_type is not None and issubclass(node.module_type, torch.nn.RMSNorm)
+
+
 _REDUCTIONS = (aten.mean, aten.sum, aten.amax, aten.amin, aten.max.dim, aten.max.default, aten.min.dim,
                aten.min.default)  # fmt: skip
 
@@ -336,6 +351,9 @@ def _reduction(node: Node, rel: Relations) -> None:
     for d in reduced:
         if summing:
             rel.contract(x, d, None)
+        elif node.op.overloadpacket is aten.mean and _in_rms_norm(node):
+            # nn.RMSNorm records as x * rsqrt(mean(x^2) + eps): the mean is its normalisation
+            rel.block(x, d, _normalised(f"normalised over by {_where(node)}"))
         else:
             rel.block(x, d, f"reduced over by {_where(node)}")
     kept = [d for d in range(x.ndim) if d not in reduced]

@@ -175,37 +175,42 @@ class States:
         self.nodes: list[Node] = []
         self.splits: dict[int, Split] = {}
         self._known: dict[tuple[int, int], np.ndarray] = {}
-        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._nonzero: dict[int, np.ndarray] = {}
 
     def get(self, v: Value, dim: int) -> np.ndarray:
         """The constants of ``v``'s slots along ``dim`` (NaN: not a known constant)."""
         key = (v.id, dim)
         got = self._known.get(key)
         if got is None:
-            if v.tensor is None:
-                got = np.full(v.shape[dim], np.nan)
-            elif v.ndim >= 3 and dim < 2:
-                lo, hi = self.minmax(v)
-                lo, hi = (lo.min(1), hi.max(1)) if dim == 0 else (lo.min(0), hi.max(0))
-                got = np.where(lo == hi, lo, np.nan)
-            else:
-                got = slice_constants(v.tensor, dim)
+            got = np.full(v.shape[dim], np.nan) if v.tensor is None else slice_constants(v.tensor, dim)
             self._known[key] = got
         return got
 
-    def minmax(self, v: Value) -> tuple[np.ndarray, np.ndarray]:
-        """For a static value of 3+ dims, min and max over all but the first two dims (one pass)."""
-        got = self._blocks.get(v.id)
+    def zero(self, v: Value, dim: int) -> np.ndarray:
+        """Per slot of ``v`` along ``dim``: is the whole slice zero? Same as ``get(v, dim) == 0``, but
+        cheaper for a static weight's dims 0 and 1: read off :meth:`nonzero` where that is small (a
+        conv weight's) or made already, else one reduction that allocates nothing weight-sized."""
+        if (v.id, dim) in self._known or v.tensor is None or v.ndim < 2 or dim > 1 or v.tensor.numel() == 0:
+            return np.asarray(self.get(v, dim) == 0)
+        if v.ndim > 2 or v.id in self._nonzero:
+            return np.asarray(~self.nonzero(v).any(1 - dim))
+        return np.asarray((~v.tensor.detach().any(1 - dim)).numpy())
+
+    def nonzero(self, v: Value) -> np.ndarray:
+        """For a static value of 2+ dims, shape ``(shape[0], shape[1])``: does the block ``v[i, j]``
+        hold a non-zero (NaN counts as non-zero)? Whether a conv's output channel reads an input
+        channel at all, without the cost of per-block minima and maxima."""
+        got = self._nonzero.get(v.id)
         if got is None:
             assert v.tensor is not None
-            t = _numeric(v.tensor).reshape(v.shape[0], v.shape[1], -1)
-            if t.shape[2] == 0:
-                nan = np.full(v.shape[:2], np.nan)
-                got = (nan, nan)
+            t = v.tensor.detach()
+            n0, n1 = v.shape[0], v.shape[1]
+            if t.numel() == 0:  # no entries to tell: assume a read, the safe side
+                got = np.ones((n0, n1), dtype=bool)
             else:
-                lo, hi = torch.aminmax(t, dim=2)
-                got = (lo.double().numpy(), hi.double().numpy())
-            self._blocks[v.id] = got
+                # any() on the values themselves: no weight-sized bool tensor for a conv
+                got = (t != 0 if t.ndim == 2 else t.reshape(n0, n1, -1).any(2)).numpy()
+            self._nonzero[v.id] = got
         return got
 
     def set(self, v: Value, dim: int, values: np.ndarray) -> None:
@@ -234,6 +239,14 @@ def slice_constants(t: torch.Tensor, dim: int) -> np.ndarray:
     if m.ndim == 1:
         lo = hi = m
     else:
+        # Reduce in memory order: torch reduces a transposed view (a Linear's weight as mm reads it)
+        # many times slower than the same data laid out contiguously.
+        strides = m.stride()
+        order = sorted(range(m.ndim), key=lambda d: -strides[d])
+        m = m.permute(order)
+        if not m.is_contiguous():
+            m = m.contiguous()
+        dim = order.index(dim)
         rest = [d for d in range(m.ndim) if d != dim]
         lo, hi = m.amin(rest), m.amax(rest)
     lo_np, hi_np = lo.double().numpy(), hi.double().numpy()
