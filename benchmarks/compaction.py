@@ -20,7 +20,8 @@ outputs kept), in one run, side by side:
   ...) so all three see the same machine load; medians of ``--latency-repeats`` after a warm-up pass.
 * **MACs** and **parameters** of each model, counted by Torch-Pruning's ``tp.utils.count_ops_and_params``
   at batch 1 (it counts convolutions, linear layers and nn.MultiheadAttention, projections and the
-  attention products included), and their ratios to the dense model.
+  attention products included; masksparse's ``CompactMultiheadAttention`` is counted with the same
+  formula over its inner width), and their ratios to the dense model.
 * masksparse's **max relative error** (``max |masked - compacted| / max |masked|``) on a fresh batch of
   4 inputs that compaction never saw. Torch-Pruning's pruned model computes something else by design
   (it removes channels that still carry signal), so it has no such column.
@@ -155,9 +156,28 @@ def widths(model: nn.Module) -> str:
     )
 
 
+def _compact_attention_ops(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+    """Torch-Pruning's count for nn.MultiheadAttention, for masksparse's compact attention: the same
+    terms, with the inner width ``num_heads * head_dim`` where Torch-Pruning assumes ``embed_dim``
+    (it counts a module by its exact type, so the subclass would otherwise count nothing)."""
+    q, k, v = inputs[:3]
+    batch, length = (0, 1) if module.batch_first else (1, 0)
+    n, s = q.shape[length], k.shape[length]
+    heads, hd = module.num_heads, module.head_dim
+    inner = heads * hd
+    ops = n * inner + (n * q.shape[2] + s * k.shape[2] + s * v.shape[2]) * inner  # q scaling, projections
+    if module.in_proj_bias is not None:
+        ops += (n + 2 * s) * inner
+    ops += heads * (2 * n * s * hd + n * s)  # QK^T, softmax, AV
+    ops += n * q.shape[2] * (inner + 1)  # output projection and its bias
+    module.__flops__ += int(ops * q.shape[batch])
+
+
 def _ops(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     import torch_pruning as tp
+    from torch_pruning.utils import op_counter
 
+    op_counter.MODULES_MAPPING.setdefault(masksparse.CompactMultiheadAttention, _compact_attention_ops)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         macs, params = tp.utils.count_ops_and_params(model, x)

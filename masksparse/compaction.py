@@ -138,8 +138,27 @@ def _folds(model: nn.Module, graph: Graph, removed: np.ndarray, cuts: list[Tenso
     return folds
 
 
+def _shared(model: nn.Module, cuts: list[TensorCut]) -> list[TensorCut]:
+    """The cuts again under every other module that holds the same tensor object (tied weights): the
+    tensor is cut once, but each holder's attributes must follow it."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None and not name.endswith("_mask"):
+                base = name[: -len("_orig")] if name.endswith("_orig") else name
+                holders.setdefault(id(t), []).append((path, base))
+    by_name = {key: group for group in holders.values() if len(group) > 1 for key in group}
+    return [
+        TensorCut(path, name, c.dim, c.size, c.keep)
+        for c in cuts
+        for path, name in by_name.get((c.module, c.tensor), ())
+        if (path, name) != (c.module, c.tensor)
+    ]
+
+
 def _attributes(model: nn.Module, cuts: list[TensorCut]) -> list[AttributeUpdate]:
     updates = []
+    cuts = cuts + _shared(model, cuts)
     for path in dict.fromkeys(c.module for c in cuts):
         module = model.get_submodule(path)
         shapes: dict[str, tuple[int, ...]] = {}

@@ -702,3 +702,31 @@ def test_labels_joined_after_the_reshape_choices_are_the_components_of_every_tie
     assert any(rel.splits for rel in graph.relations)
     every = graph_groups._labels(graph, [(rel, []) for rel in graph.relations])
     np.testing.assert_array_equal(graph.labels, every)
+
+
+class TiedLinears(nn.Module):
+    """fc4 shares fc2's weight (tied weights): both must report the shape the shared tensor gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc4.weight = self.fc2.weight
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return self.out(self.fc4(torch.relu(self.fc3(h))))
+
+
+def test_tied_weights_update_the_attributes_of_every_holder() -> None:
+    torch.manual_seed(0)
+    model, x = TiedLinears(), torch.randn(6, 4)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    assert_same(model, small, x)
+    assert small.fc4.weight is small.fc2.weight
+    for name in ("fc1", "fc2", "fc3", "fc4", "out"):
+        layer = getattr(small, name)
+        assert (layer.out_features, layer.in_features) == tuple(layer.weight.shape), name
+    assert params(small) < params(model)
