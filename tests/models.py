@@ -1,6 +1,9 @@
-"""Small models shared by the tests."""
+"""Small models and helpers shared by the tests."""
 
 from __future__ import annotations
+
+import copy
+import io
 
 import torch
 from torch import nn
@@ -47,3 +50,42 @@ class ChannelCumsum(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.cumsum(self.a(x), dim=1))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0, *, zero_weights: bool = False) -> nn.Module:
+    """BatchNorm statistics and affine parameters like a trained network's (not 0/1), in eval mode. With
+    ``zero_weights``, weights initialised to zero (a classifier, say) first get small random values, so
+    outputs are not all zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters() if zero_weights else ():
+            if name.endswith("weight") and p.ndim >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def assert_saves_and_loads(model: nn.Module, *inputs: torch.Tensor) -> None:
+    """``model``'s state_dict loads into a zeroed copy, and the whole pickled model loads, with plain torch
+    (``weights_only`` for the state_dict); both compute exactly what ``model`` computes."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        p.data.zero_()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    whole = io.BytesIO()
+    torch.save(model, whole)
+    whole.seek(0)
+    loaded = torch.load(whole, weights_only=False)
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+        assert torch.equal(fresh.eval()(*inputs), expected)
+        assert torch.equal(loaded.eval()(*inputs), expected)

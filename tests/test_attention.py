@@ -4,7 +4,6 @@ rule ties heads and refuses to shrink what sets its scale."""
 from __future__ import annotations
 
 import copy
-import io
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from masksparse.compaction import compact, plan_compaction, relative_error
 from masksparse.graph import Group, trace
 from masksparse.modules import CompactMultiheadAttention
 from masksparse.structured import prune_channels
+from tests.models import assert_saves_and_loads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,18 +107,7 @@ def test_compacted_attention_saves_and_loads_with_plain_torch(small_vit: tuple[n
     _, small = small_vit
     keys = set(small.encoder.layers[0].self_attention.state_dict())
     assert keys == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
-    buffer = io.BytesIO()
-    torch.save(small.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = copy.deepcopy(small)
-    for p in fresh.parameters():
-        p.data.zero_()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert_same(small, fresh, X_IMAGES, rtol=0.0)
-    whole = io.BytesIO()
-    torch.save(small, whole)
-    whole.seek(0)
-    assert_same(small, torch.load(whole, weights_only=False), X_IMAGES, rtol=0.0)
+    assert_saves_and_loads(small, X_IMAGES)
 
 
 def test_compacted_attention_compiles_and_exports_to_onnx(

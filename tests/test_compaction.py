@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +21,11 @@ from masksparse.graph import trace
 from masksparse.graph.record import Node, Value
 from masksparse.graph.rules import States
 from masksparse.structured import prune_channels
-from tests.models import ChannelCumsum
+from tests.models import ChannelCumsum, assert_saves_and_loads, randomise_bn
 
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """BatchNorm statistics and affine parameters like a trained network's (not 0/1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
 
 
 def assert_same(masked: nn.Module, small: nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -351,18 +336,7 @@ def test_optimizer_without_inplace_is_refused(lenet: LeNet) -> None:
 def test_compacted_model_saves_and_loads_with_plain_torch(lenet: LeNet) -> None:
     prune.ln_structured(lenet.fc1, "weight", amount=0.5, n=2, dim=0)
     small = compact(lenet, X_LENET)
-    buffer = io.BytesIO()
-    torch.save(small.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = copy.deepcopy(small)
-    for p in fresh.parameters():
-        p.data.zero_()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert_same(small, fresh, X_LENET, rtol=0.0)
-    whole = io.BytesIO()
-    torch.save(small, whole)
-    whole.seek(0)
-    assert_same(small, torch.load(whole, weights_only=False), X_LENET, rtol=0.0)
+    assert_saves_and_loads(small, X_LENET)
 
 
 def test_a_fully_masked_layer_keeps_one_channel() -> None:

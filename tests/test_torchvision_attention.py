@@ -4,7 +4,6 @@ compact classes of masksparse.torchvision_attention, computing what the masked m
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from masksparse import torchvision_attention
 from masksparse.compaction import compact, relative_error
 from masksparse.structured import prune_channels
+from tests.models import assert_saves_and_loads
 from tests.test_attention import X_IMAGES, assert_same, params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,18 +113,7 @@ def test_compacted_swin_and_maxvit_save_and_load(
     pruned_vision: tuple[nn.Module, nn.Module, dict[str, int]],
 ) -> None:
     _, small, _ = pruned_vision
-    buffer = io.BytesIO()
-    torch.save(small.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = copy.deepcopy(small)
-    for p in fresh.parameters():
-        p.data.zero_()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert_same(small, fresh, X_IMAGES, rtol=0.0)
-    whole = io.BytesIO()
-    torch.save(small, whole)
-    whole.seek(0)
-    assert_same(small, torch.load(whole, weights_only=False), X_IMAGES, rtol=0.0)
+    assert_saves_and_loads(small, X_IMAGES)
 
 
 @pytest.mark.parametrize("v2", [False, True])

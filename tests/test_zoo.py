@@ -13,6 +13,7 @@ from torch import nn
 
 from masksparse import compact, prune_channels
 from masksparse.compaction import relative_error
+from tests.models import randomise_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -44,20 +45,7 @@ def _trained_looking(name: str) -> nn.Module:
     """``name`` with weights=None, eval mode, BatchNorm statistics and affine parameters like a trained
     network's, and zero-initialised weights (a classifier, say) given small random values."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("weight") and p.ndim >= 2 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
+    return randomise_bn(torchvision.models.get_model(name, weights=None), zero_weights=True)
 
 
 def _params(model: nn.Module) -> int:
