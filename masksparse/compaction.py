@@ -429,7 +429,10 @@ def compact(
     model's outputs on ``example_inputs`` within a relative error of 1e-4 (``max |diff| / max |ref|``);
     otherwise :class:`~masksparse.CompactionError` names the first diverging module and ``model`` is
     left as it was. The result has no masks (they are made permanent) and updated attributes
-    (``out_channels``, ``in_features``, ``num_features``, ...). With ``inplace=True`` the same plan is
+    (``out_channels``, ``in_features``, ``num_features``, ...); an attention module that loses heads and
+    whose torch or torchvision class cannot hold fewer becomes a subclass of it with the same parameters
+    (:class:`~masksparse.modules.CompactMultiheadAttention`, :mod:`masksparse.torchvision_attention`).
+    With ``inplace=True`` the same plan is
     then applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to
     slice its state (SGD momentum, Adam moments) as well.
 
