@@ -52,6 +52,19 @@ class ChannelCumsum(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=1))
 
 
+def params(model: nn.Module) -> int:
+    """Parameter count (a pruned tensor's ``_orig`` stands for the dense one)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same(masked: nn.Module, small: nn.Module, *inputs: torch.Tensor, rtol: float = 1e-5) -> None:
+    """The compacted model computes what the masked one does: max relative error at most ``rtol``."""
+    from masksparse.compaction import relative_error
+
+    with torch.no_grad():
+        assert relative_error(masked.eval()(*inputs), small.eval()(*inputs)) <= rtol
+
+
 def randomise_bn(model: nn.Module, seed: int = 0, *, zero_weights: bool = False) -> nn.Module:
     """BatchNorm statistics and affine parameters like a trained network's (not 0/1), in eval mode. With
     ``zero_weights``, weights initialised to zero (a classifier, say) first get small random values, so

@@ -18,7 +18,7 @@ from masksparse.compaction import compact, plan_compaction, relative_error
 from masksparse.graph import Group, trace
 from masksparse.modules import CompactMultiheadAttention
 from masksparse.structured import prune_channels
-from tests.models import assert_saves_and_loads
+from tests.models import assert_same, assert_saves_and_loads, params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,15 +41,6 @@ def groups_of(model: nn.Module, x: torch.Tensor, module: str, tensor: str = "wei
         for g in trace(model, x).groups
         if any(m.module.endswith(module) and m.tensor == tensor and m.dim == 0 for m in g.members)
     ]
-
-
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def assert_same(masked: nn.Module, small: nn.Module, *args: torch.Tensor, rtol: float = 1e-5) -> None:
-    with torch.no_grad():
-        assert relative_error(masked.eval()(*args), small.eval()(*args)) <= rtol
 
 
 # ----------------------------------------------------------------------------- nn.MultiheadAttention

@@ -12,8 +12,8 @@ from torch import nn
 from masksparse import torchvision_attention
 from masksparse.compaction import compact, relative_error
 from masksparse.structured import prune_channels
-from tests.models import assert_saves_and_loads
-from tests.test_attention import X_IMAGES, assert_same, params
+from tests.models import assert_same, assert_saves_and_loads, params
+from tests.test_attention import X_IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
