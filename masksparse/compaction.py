@@ -21,7 +21,7 @@ from torch import nn
 
 from masksparse import modules as _modules  # noqa: F401  (registers the slicer for nn.MultiheadAttention)
 from masksparse import prune
-from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
+from masksparse._errors import CompactionError, PruningValueError
 from masksparse._inexact import (
     inexact_hint,
     keep_groups_even,
@@ -32,7 +32,7 @@ from masksparse._inexact import (
 )
 from masksparse.graph import Graph, trace
 from masksparse.graph.heads import head_attribute, shrunk_splits
-from masksparse.graph.inexact import inexact_units
+from masksparse.graph.inexact import check_allow_inexact, inexact_units
 from masksparse.importance import shape_of, tensor_of
 from masksparse.plan import AttributeUpdate, BiasFold, NormalisationChange, Plan, TensorCut
 from masksparse.slicers import register_slicer, slicer_for
@@ -235,14 +235,9 @@ def plan_compaction(model: nn.Module, example_inputs: Any, *, allow_inexact: boo
         >>> [f.module for f in plan.folds]  # the masked row still emits relu(bias[1])
         ['2']
     """
-    _check_flag(allow_inexact)
+    check_allow_inexact(allow_inexact)
     graph = trace(model, example_inputs)
     return _plan(model, graph, allow_inexact)
-
-
-def _check_flag(allow_inexact: object) -> None:
-    if not isinstance(allow_inexact, bool):
-        raise PruningTypeError(f"allow_inexact must be True or False, got {allow_inexact!r}")
 
 
 def _plan(model: nn.Module, graph: Graph, allow_inexact: bool = False) -> Plan:
@@ -297,10 +292,7 @@ def _apply(
     already (see :func:`_copy`); then nothing is sliced, and folds read ``source``'s uncut weights."""
     prune.remove_all(model)
     for fold in plan.folds:
-        if source is None:
-            _fold(model, fold, optimizer)
-        else:
-            _fold_cut(source, model, fold, plan)
+        _fold(model, fold, optimizer, source, plan)
     if source is None:
         for (path, name), cuts in _by_tensor(plan).items():
             _slice(model.get_submodule(path), name, cuts, optimizer)
@@ -308,11 +300,29 @@ def _apply(
         setattr(model.get_submodule(a.module), a.name, a.new)
 
 
-def _fold(model: nn.Module, fold: BiasFold, optimizer: torch.optim.Optimizer | None) -> None:
+def _fold(
+    model: nn.Module,
+    fold: BiasFold,
+    optimizer: torch.optim.Optimizer | None,
+    source: nn.Module | None = None,
+    plan: Plan | None = None,
+) -> None:
+    """Add ``fold``'s constants, through the consumer's weight columns, to its bias (created if missing).
+
+    With ``source`` (the model ``model`` was copied from with ``plan``'s cuts made, see :func:`_copy`),
+    the delta comes from ``source``'s uncut weight (the masked one, as ``prune.remove`` leaves it) and
+    is cut like the bias."""
     module = cast(nn.Linear, model.get_submodule(fold.module))  # a Linear or a 1x1 conv
-    delta = _fold_delta(module.weight, fold)
+    if source is None:
+        delta = _fold_delta(module.weight, fold)
+    else:
+        weight = tensor_of(source.get_submodule(fold.module), "weight")
+        assert weight is not None and plan is not None
+        delta = _fold_delta(weight, fold)
+        for c in _by_tensor(plan).get((fold.module, "bias"), []):
+            delta = delta.index_select(0, torch.tensor(c.keep, dtype=torch.long))
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
+        module.bias = nn.Parameter(torch.zeros(len(delta), dtype=module.weight.dtype))
         if optimizer is not None:
             group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
             group["params"].append(module.bias)
@@ -400,21 +410,6 @@ def _cut_tensors(model: nn.Module, plan: Plan) -> dict[int, torch.Tensor] | None
     return cut
 
 
-def _fold_cut(model: nn.Module, candidate: nn.Module, fold: BiasFold, plan: Plan) -> None:
-    """:func:`_fold` on a copy whose tensors are cut already: the delta comes from ``model``'s uncut
-    weight (the masked one, as ``prune.remove`` leaves it) and is cut like the bias."""
-    weight = tensor_of(model.get_submodule(fold.module), "weight")
-    assert weight is not None  # a fold targets a Linear or a 1x1 conv
-    delta = _fold_delta(weight, fold)
-    for c in _by_tensor(plan).get((fold.module, "bias"), []):
-        delta = delta.index_select(0, torch.tensor(c.keep, dtype=torch.long))
-    module = cast(nn.Linear, candidate.get_submodule(fold.module))
-    if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(len(delta), dtype=module.weight.dtype))
-    with torch.no_grad():
-        module.bias.add_(delta.to(module.bias.dtype))
-
-
 def compact(
     model: nn.Module,
     example_inputs: Any,
@@ -477,7 +472,7 @@ def compact(
         >>> isinstance(warning, InexactCompactionWarning), warning.deviation > 0
         (True, True)
     """
-    _check_flag(allow_inexact)
+    check_allow_inexact(allow_inexact)
     if optimizer is not None and not inplace:
         raise PruningValueError(
             "an optimizer can only be sliced along with the model it trains: pass inplace=True "

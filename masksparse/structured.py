@@ -21,7 +21,7 @@ from masksparse import prune
 from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
-from masksparse.graph.inexact import inexact_units
+from masksparse.graph.inexact import check_allow_inexact, inexact_units
 from masksparse.importance import (
     Criterion,
     criterion,
@@ -284,8 +284,7 @@ def prune_channels(
     amount = _check_amount(amount, "amount")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
-    if not isinstance(allow_inexact, bool):
-        raise PruningTypeError(f"allow_inexact must be True or False, got {allow_inexact!r}")
+    check_allow_inexact(allow_inexact)
     score = criterion(importance)
     per_module = {
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from masksparse._errors import PruningTypeError
 from masksparse.graph.record import Node, Value
 
 if TYPE_CHECKING:  # groups imports the rules, which import this module
     from masksparse.graph.groups import Graph
 
-__all__ = ["Inexact", "Normalised", "inexact_units", "normalisations"]
+__all__ = ["Inexact", "Normalised", "check_allow_inexact", "inexact_units", "normalisations"]
 
 
 class Inexact(str):
@@ -73,3 +74,17 @@ def inexact_units(graph: Graph) -> dict[int, str]:
         for u in np.unique(graph.labels[np.concatenate(normal)]).tolist()
         if u not in blocked_otherwise
     }
+
+
+def check_allow_inexact(allow_inexact: object) -> None:
+    """The ``allow_inexact`` option of prune_channels, plan_compaction and compact must be a bool.
+
+    Example:
+        >>> from masksparse.graph.inexact import check_allow_inexact
+        >>> check_allow_inexact("yes")
+        Traceback (most recent call last):
+        ...
+        masksparse._errors.PruningTypeError: allow_inexact must be True or False, got 'yes'
+    """
+    if not isinstance(allow_inexact, bool):
+        raise PruningTypeError(f"allow_inexact must be True or False, got {allow_inexact!r}")
