@@ -218,14 +218,21 @@ def _key(func: Any, args: Any, kwargs: Any) -> Hashable | None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's training flag as it was on entry, restored on exit (mixed modes too)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    with _modes_kept(model):
+        model.eval()
+        yield
 
 
 @contextlib.contextmanager
@@ -235,11 +242,10 @@ def _training_mode(model: nn.Module, args: tuple[Any, ...]) -> Iterator[None]:
     Normalisation layers and dropout modules stay in eval mode: only which modules run matters here,
     and the constants the analysis computes must be those of eval mode, which compaction verifies.
     """
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b._version, b.clone()) for n, b in model.named_buffers() if not n.endswith("_mask")]
     tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves(args)]
     cuda = {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
-    with torch.random.fork_rng(devices=sorted(cuda)):
+    with torch.random.fork_rng(devices=sorted(cuda)), _modes_kept(model):
         model.train()
         for m in model.modules():
             if isinstance(m, (_NormBase, _DropoutNd)):
@@ -247,8 +253,6 @@ def _training_mode(model: nn.Module, args: tuple[Any, ...]) -> Iterator[None]:
         try:
             yield
         finally:
-            for m, training in modes:
-                m.training = training
             for b, version, saved in buffers:
                 if b._version != version:
                     b.copy_(saved)
