@@ -99,8 +99,7 @@ def verify(
     except MaskSparseError:
         _run(compacted, args, record=True)  # again, to name the module that fails
         raise
-    errors = [relative_error(a, b) for a, b in zip(ref, got)] if len(ref) == len(got) else [math.inf]
-    worst = max(errors, default=0.0)
+    worst = _worst(ref, got)
     if worst <= rtol:
         return worst
     _, ref_modules = _run(masked, args, record=True, changes=changes)
@@ -135,9 +134,14 @@ def deviation(compacted: nn.Module, example_inputs: Any, reference: list[torch.T
         0.2
     """
     got, _ = _run(compacted, as_args(example_inputs), record=False)
-    if len(got) != len(reference):
+    return _worst(reference, got)
+
+
+def _worst(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """The largest :func:`relative_error` over the outputs (inf when their numbers differ)."""
+    if len(ref) != len(got):
         return math.inf
-    return max((relative_error(a, b) for a, b in zip(reference, got)), default=0.0)
+    return max((relative_error(a, b) for a, b in zip(ref, got)), default=0.0)
 
 
 class _KeptUnits(TorchDispatchMode):
