@@ -43,7 +43,7 @@ from tabulate import tabulate
 from torch import nn
 
 from masksparse import InexactCompactionWarning
-from masksparse.compaction import compact, relative_error
+from masksparse.compact import compact, relative_error
 from masksparse.structured import prune_channels
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -3,7 +3,7 @@
 ``from masksparse import prune`` is a drop-in for ``torch.nn.utils.prune`` with bool masks, weights
 computed on read and global pruning that scales; pruned state_dicts load into fresh models; sparsity
 reports print as tables; structured masks become a genuinely smaller model with
-:func:`masksparse.compaction.compact`.
+:func:`masksparse.compact`.
 """
 
 from masksparse import prune
@@ -19,10 +19,9 @@ from masksparse._errors import (
     ShapeMismatchError,
     StateDictError,
 )
-from masksparse.compaction import Plan, compact, plan_compaction
+from masksparse.compact import CompactMultiheadAttention, Plan, compact, plan_compaction
 from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.graph import Graph, trace
-from masksparse.modules import CompactMultiheadAttention
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict

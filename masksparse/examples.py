@@ -359,7 +359,7 @@ def _latencies(models: Sequence[nn.Module], inputs: torch.Tensor, repeats: int) 
 
 def _compact(model: LeNet, test_set: TensorDataset, repeats: int, stream: TextIO) -> dict[str, float]:
     """Stage 4: cut the dead rows and channels out of the layers; check the outputs stay the same."""
-    from masksparse.compaction import compact, plan_compaction, relative_error
+    from masksparse.compact import compact, plan_compaction, relative_error
     from masksparse.comparison import compare_reports
     from masksparse.report import sparsity_report
 

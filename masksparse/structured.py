@@ -4,7 +4,7 @@
 prunable group with a criterion from :mod:`masksparse.importance`, and masks the chosen units on every
 parameter that owns a slice of them: the producing layer's weight rows and bias, the BatchNorm affine
 parameters, the consumers' input columns, both sides of a residual add. The masked model then computes
-exactly what :func:`masksparse.compaction.compact` will make of it.
+exactly what :func:`masksparse.compact` will make of it.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def params(model: nn.Module) -> int:
 
 def assert_same(masked: nn.Module, small: nn.Module, *inputs: torch.Tensor, rtol: float = 1e-5) -> None:
     """The compacted model computes what the masked one does: max relative error at most ``rtol``."""
-    from masksparse.compaction import relative_error
+    from masksparse.compact import relative_error
 
     with torch.no_grad():
         assert relative_error(masked.eval()(*inputs), small.eval()(*inputs)) <= rtol

@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 
 from masksparse import prune
-from masksparse.compaction import compact, plan_compaction, relative_error
+from masksparse.compact import compact, plan_compaction, relative_error
+from masksparse.compact.modules import CompactMultiheadAttention
 from masksparse.graph import Group, trace
-from masksparse.modules import CompactMultiheadAttention
 from masksparse.structured import prune_channels
 from tests.models import assert_same, assert_saves_and_loads, params
 

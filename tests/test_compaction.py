@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-import masksparse.compaction as compact_module
 from masksparse import MaskSparseError, PruningValueError, prune
-from masksparse.compaction import compact, plan_compaction, relative_error
+from masksparse.compact import apply as compact_module
+from masksparse.compact import compact, plan_compaction, relative_error
 from masksparse.examples import LeNet
 from masksparse.structured import prune_channels
 from tests.models import ChannelCumsum, assert_same, assert_saves_and_loads, params, randomise_bn

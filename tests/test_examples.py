@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from masksparse import prune
+from masksparse import CompactionError, prune
 from masksparse.examples import LeNet, evaluate, load_digits, run_demo, train
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -217,9 +218,8 @@ def test_run_demo_trains_prunes_reloads_and_compacts() -> None:
 
 def test_run_demo_rejects_a_compaction_that_changes_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo checks the compacted model on the whole test set, not only on compact's example batch."""
-    import masksparse.compaction
-
-    original = masksparse.compaction.compact
+    package = importlib.import_module("masksparse.compact")  # the package, not the function
+    original = package.compact
 
     def perturbed(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
         result = original(model, inputs)
@@ -227,6 +227,6 @@ def test_run_demo_rejects_a_compaction_that_changes_outputs(monkeypatch: pytest.
             result.fc3.bias.add_(1.0)
         return result
 
-    monkeypatch.setattr(masksparse.compaction, "compact", perturbed)
-    with pytest.raises(masksparse.CompactionError, match="must agree within 1e-5"):
+    monkeypatch.setattr(package, "compact", perturbed)
+    with pytest.raises(CompactionError, match="must agree within 1e-5"):
         run_demo(out=io.StringIO(), epochs=1, finetune_epochs=0, repeats=1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import masksparse.compaction as compact_module
 from masksparse import prune
-from masksparse.compaction import compact, plan_compaction
+from masksparse.compact import apply as compact_module
+from masksparse.compact import compact, plan_compaction
 from masksparse.graph import groups as graph_groups
 from masksparse.graph import trace
 from masksparse.graph.record import Node, Value

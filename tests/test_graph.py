@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from masksparse._errors import CompactionError
-from masksparse.compaction import compact, relative_error
+from masksparse.compact import compact, relative_error
 from masksparse.graph import Graph, Group, register_rule, trace
 from masksparse.graph import rules as rules_module
 from masksparse.graph.record import record
@@ -660,7 +660,7 @@ def test_every_registered_rule_is_exercised() -> None:
 
 
 def test_every_registered_slicer_is_exercised() -> None:
-    from masksparse.slicers import _SLICERS
+    from masksparse.compact.slicers import _SLICERS
 
     modules = [m for factory, _, _ in CASES.values() for m in factory().modules()]
     missing = [t.__name__ for t in _SLICERS if not any(isinstance(m, t) for m in modules)]

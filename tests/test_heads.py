@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from masksparse import MaskSparseError, prune
-from masksparse.compaction import compact, plan_compaction
+from masksparse.compact import compact, plan_compaction
 from masksparse.structured import prune_channels
 from tests.models import assert_same, params
 

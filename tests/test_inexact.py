@@ -11,7 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-import masksparse.compaction as compaction
 from masksparse import (
     CompactionError,
     InexactCompactionWarning,
@@ -20,7 +19,8 @@ from masksparse import (
     plan_compaction,
     prune_channels,
 )
-from masksparse.compaction import relative_error
+from masksparse.compact import apply as compaction
+from masksparse.compact import relative_error
 from masksparse.graph import trace
 
 

@@ -1,5 +1,5 @@
 """torchvision's Swin (v1, v2) and MaxViT attention: whole heads prune on every member and compact to the
-compact classes of masksparse.torchvision_attention, computing what the masked model computes."""
+compact classes of masksparse.compact.torchvision_attention, computing what the masked model computes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from masksparse import torchvision_attention
-from masksparse.compaction import compact, relative_error
+from masksparse.compact import compact, relative_error, torchvision_attention
 from masksparse.structured import prune_channels
 from tests.models import assert_same, assert_saves_and_loads, params
 from tests.test_attention import X_IMAGES
@@ -119,7 +118,7 @@ def test_compacted_swin_and_maxvit_save_and_load(
 @pytest.mark.parametrize("v2", [False, True])
 def test_compact_window_attention_computes_what_torchvision_computes_with_dropout(v2: bool) -> None:
     """Differential with all heads, in training mode: same dropout draws, shifted windows and mask."""
-    from masksparse.torchvision_attention import (
+    from masksparse.compact.torchvision_attention import (
         CompactShiftedWindowAttention,
         CompactShiftedWindowAttentionV2,
     )

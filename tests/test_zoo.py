@@ -12,7 +12,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from masksparse import compact, prune_channels
-from masksparse.compaction import relative_error
+from masksparse.compact import relative_error
 from tests.models import randomise_bn
 
 torchvision = pytest.importorskip("torchvision")

@@ -5,7 +5,7 @@ of heads) runs one fused operation, ``aten._native_multi_head_attention``. Its r
 the units: the q, k and v rows of ``in_proj_weight``/``in_proj_bias`` that belong to head ``h`` and the
 matching columns of ``out_proj.weight`` live or die together. A head is dead when its v (rows and bias)
 is zero or its ``out_proj`` columns are. Compaction then turns the module into a
-:class:`masksparse.modules.CompactMultiheadAttention` with fewer heads of the same size (the head size
+:class:`masksparse.compact.modules.CompactMultiheadAttention` with fewer heads of the same size (the head size
 sets the softmax scale, so it never shrinks). Where ``nn.MultiheadAttention`` runs torch's decomposed
 path instead (``batch_first=False``, cross-attention, an odd number of heads, ...), the reshapes it makes
 merge the batch with the heads, and the layout rules keep every head.

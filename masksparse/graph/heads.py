@@ -6,7 +6,7 @@ A fused qkv projection reshaped to ``(B, N, 3, H, hd)`` (or a query projection r
 head size ``hd`` never does (only whole heads are removed), so the softmax scale stays as it was.
 ``nn.MultiheadAttention``'s fused kernel splits nothing the trace sees: its rule
 (:mod:`masksparse.graph.attention`) ties each head's slots directly, and a slicer switches the module's
-class (:class:`masksparse.modules.CompactMultiheadAttention`).
+class (:class:`masksparse.compact.modules.CompactMultiheadAttention`).
 
 Some attention modules derive the head size from the head count (torchvision's Swin computes
 ``C // num_heads`` from its input width ``C``) or reshape their heads back to their input width
@@ -62,7 +62,7 @@ def register_head_swap(types: Iterable[type], *, heads: str, compact: type) -> N
     ``compact`` (a subclass with the same parameters and state_dict keys) must compute what each of
     ``types`` computes, with ``heads`` heads of the head size the module had; registering ``compact``
     itself among ``types`` lets a compacted model lose heads again. Subclasses are not covered: their
-    forward may differ. A slicer (:func:`masksparse.slicers.register_slicer`) does the swap.
+    forward may differ. A slicer (:func:`masksparse.compact.slicers.register_slicer`) does the swap.
 
     Example:
         >>> from torch import nn
@@ -80,8 +80,8 @@ def register_head_swap(types: Iterable[type], *, heads: str, compact: type) -> N
 # Modules defining classes that masksparse ships swaps for -> the masksparse module registering them,
 # imported on first use so that ``import masksparse`` does not import torchvision.
 _SHIPPED = {
-    "torchvision.models.swin_transformer": "masksparse.torchvision_attention",
-    "torchvision.models.maxvit": "masksparse.torchvision_attention",
+    "torchvision.models.swin_transformer": "masksparse.compact.torchvision_attention",
+    "torchvision.models.maxvit": "masksparse.compact.torchvision_attention",
 }
 
 

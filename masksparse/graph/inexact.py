@@ -2,38 +2,24 @@
 
 LayerNorm, GroupNorm and RMSNorm compute statistics over their normalised dimensions, so removing a
 unit there changes every output, even a unit the masks zeroed. Their rules block those dimensions with
-an :class:`Inexact` reason (an ordinary string, so every message reads as before); a user who accepts
-the change (``allow_inexact=True`` in :func:`masksparse.prune_channels` and
+an :class:`~masksparse.graph.rules.Inexact` reason (an ordinary string, so every message reads as
+before); a user who accepts the change (``allow_inexact=True`` in :func:`masksparse.prune_channels` and
 :func:`masksparse.compact`) can then tell them from dimensions blocked for any other reason with
 :func:`inexact_units`, and :func:`normalisations` lists the operations involved.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from masksparse._errors import PruningTypeError
+from masksparse.graph.groups import Graph
 from masksparse.graph.record import Node, Value
+from masksparse.graph.rules import Inexact
 
-if TYPE_CHECKING:  # groups imports the rules, which import this module
-    from masksparse.graph.groups import Graph
-
-__all__ = ["Inexact", "Normalised", "check_allow_inexact", "inexact_units", "normalisations"]
-
-
-class Inexact(str):
-    """A block reason saying that a normalisation reduces over the dimension (see the module docs).
-
-    Example:
-        >>> from masksparse.graph.inexact import Inexact
-        >>> reason = Inexact("normalised over by a LayerNorm")
-        >>> isinstance(reason, Inexact), reason == "normalised over by a LayerNorm"
-        (True, True)
-    """
-
-    __slots__ = ()
+__all__ = ["Normalised", "check_allow_inexact", "inexact_units", "normalisations"]
 
 
 class Normalised(NamedTuple):

@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from masksparse.graph.inexact import Inexact
 from masksparse.graph.layout import _operand, _probe, _where
 from masksparse.graph.record import Node, Value
-from masksparse.graph.rules import Relations, States, register_rule
+from masksparse.graph.rules import Inexact, Relations, States, register_rule
 
 aten = torch.ops.aten
 

@@ -28,9 +28,22 @@ import torch
 
 from masksparse.graph.record import Node, Value
 
-__all__ = ["Contraction", "Relations", "Rule", "Split", "States", "register_rule", "rule_for"]
+__all__ = ["Contraction", "Inexact", "Relations", "Rule", "Split", "States", "register_rule", "rule_for"]
 
 Index = np.ndarray
+
+
+class Inexact(str):
+    """A block reason: a normalisation reduces over the dimension (see :mod:`masksparse.graph.inexact`).
+
+    Example:
+        >>> from masksparse.graph.rules import Inexact
+        >>> reason = Inexact("normalised over by a LayerNorm")
+        >>> isinstance(reason, Inexact), reason == "normalised over by a LayerNorm"
+        (True, True)
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torchvision.models import maxvit as _maxvit  # type: ignore[import-untyped]
 from torchvision.models import swin_transformer as _swin
 
+from masksparse.compact.slicers import register_slicer
 from masksparse.graph.heads import head_swap, register_head_swap
-from masksparse.slicers import register_slicer
 
 __all__ = [
     "CompactRelativePositionalMultiHeadAttention",
@@ -151,7 +151,7 @@ class CompactShiftedWindowAttention(_WindowHeads, _swin.ShiftedWindowAttention):
     Example:
         >>> import torch
         >>> from torchvision.models.swin_transformer import ShiftedWindowAttention
-        >>> from masksparse.torchvision_attention import CompactShiftedWindowAttention
+        >>> from masksparse.compact.torchvision_attention import CompactShiftedWindowAttention
         >>> attn = ShiftedWindowAttention(16, [4, 4], [2, 2], num_heads=2).eval()
         >>> x = torch.randn(1, 8, 8, 16)
         >>> same = ShiftedWindowAttention(16, [4, 4], [2, 2], num_heads=2).eval()
@@ -170,7 +170,7 @@ class CompactShiftedWindowAttentionV2(_WindowHeads, _swin.ShiftedWindowAttention
     Example:
         >>> import torch
         >>> from torchvision.models.swin_transformer import ShiftedWindowAttentionV2
-        >>> from masksparse.torchvision_attention import CompactShiftedWindowAttentionV2
+        >>> from masksparse.compact.torchvision_attention import CompactShiftedWindowAttentionV2
         >>> attn = ShiftedWindowAttentionV2(16, [4, 4], [2, 2], num_heads=2).eval()
         >>> same = ShiftedWindowAttentionV2(16, [4, 4], [2, 2], num_heads=2).eval()
         >>> _ = same.load_state_dict(attn.state_dict())
@@ -205,7 +205,7 @@ class CompactRelativePositionalMultiHeadAttention(_maxvit.RelativePositionalMult
     Example:
         >>> import torch
         >>> from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-        >>> from masksparse.torchvision_attention import CompactRelativePositionalMultiHeadAttention
+        >>> from masksparse.compact.torchvision_attention import CompactRelativePositionalMultiHeadAttention
         >>> attn = RelativePositionalMultiHeadAttention(16, 8, max_seq_len=4)
         >>> same = RelativePositionalMultiHeadAttention(16, 8, max_seq_len=4)
         >>> _ = same.load_state_dict(attn.state_dict())

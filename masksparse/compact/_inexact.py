@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from masksparse._errors import InexactCompactionWarning
+from masksparse.compact.plan import AttributeUpdate, NormalisationChange, Plan
 from masksparse.graph import Graph
 from masksparse.graph.inexact import normalisations
-from masksparse.plan import AttributeUpdate, NormalisationChange, Plan
 
 __all__ = [
     "inexact_hint",

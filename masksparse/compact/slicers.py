@@ -1,10 +1,9 @@
 """How each layer type updates its attributes once compaction slices its tensors.
 
-:func:`register_slicer` maps a module class to a function that receives the module (before slicing)
-and the new shape of each of its tensors, and returns the attributes to set (``out_channels``,
-``in_features``, ``num_features``, ...). Lookup follows the class's MRO, so subclasses inherit the
-slicer of the torch layer they extend.
-"""
+:func:`~masksparse.compact.register_slicer` maps a module class to a function that receives the module
+(before slicing) and the new shape of each of its tensors, and returns the attributes to set
+(``out_channels``, ``in_features``, ``num_features``, ...). Lookup follows the class's MRO, so subclasses
+inherit the slicer of the torch layer they extend."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ def register_slicer(*types: type) -> Callable[[Slicer], Slicer]:
 
     Example:
         >>> from torch import nn
-        >>> from masksparse.slicers import register_slicer
+        >>> from masksparse.compact.slicers import register_slicer
         >>> class Scale(nn.Module):
         ...     def __init__(self, n):
         ...         super().__init__()

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
+from masksparse.compact.plan import NormalisationChange, Plan
 from masksparse.graph.record import _eval_mode, as_args
-from masksparse.plan import NormalisationChange, Plan
 
 __all__ = ["RTOL", "deviation", "relative_error", "verify"]
 

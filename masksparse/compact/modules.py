@@ -6,7 +6,8 @@ width of the query. Removing whole heads breaks that, so compaction turns the mo
 state_dict keys stay as they were) with the kept number of heads and the original head size, so the
 softmax scale ``1 / sqrt(head_dim)`` does not change.
 
-The compact forms of torchvision's Swin and MaxViT attention are in :mod:`masksparse.torchvision_attention`.
+The compact forms of torchvision's Swin and MaxViT attention are in
+:mod:`masksparse.compact.torchvision_attention`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from masksparse._errors import CompactionError, PruningValueError, ShapeMismatchError
-from masksparse.slicers import register_slicer
+from masksparse.compact.slicers import register_slicer
 
 __all__ = ["CompactMultiheadAttention"]
 
@@ -39,7 +40,7 @@ class CompactMultiheadAttention(nn.MultiheadAttention):
 
     Example:
         >>> import torch
-        >>> from masksparse.modules import CompactMultiheadAttention
+        >>> from masksparse.compact.modules import CompactMultiheadAttention
         >>> attn = CompactMultiheadAttention(embed_dim=16, num_heads=3, head_dim=4, batch_first=True)
         >>> tuple(attn.in_proj_weight.shape), tuple(attn.out_proj.weight.shape)
         ((36, 16), (16, 12))

@@ -1,5 +1,5 @@
 """The plan of a compaction: a frozen, printable description of every change, built before anything is
-changed (see :func:`masksparse.compaction.plan_compaction`)."""
+changed (see :func:`masksparse.compact.planning.plan_compaction`)."""
 
 from __future__ import annotations
 
