@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from masksparse._errors import PruningTypeError
+from masksparse._inputs import model_inputs
 
 # (module, positional args, output) -> uses of each weight entry in that call
 _Uses = Callable[[nn.Module, tuple[Any, ...], Any], int]
@@ -64,17 +64,6 @@ def _conv(module: nn.Module, args: tuple[Any, ...], output: Any) -> int:
     return _positions(t, 1 if batched else 0)
 
 
-def _as_args(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        return tuple(example_inputs)
-    raise PruningTypeError(
-        "example_inputs must be a tensor or a tuple of the model's positional arguments, "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
 @contextlib.contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     """Eval mode for the run; afterwards every module's mode and plain tensor attributes are as before.
@@ -100,7 +89,7 @@ def count_uses(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     The result maps the path of each module with a rule that ran (once or more: the calls add up) to
     the uses of one entry of its weight.
     """
-    args = _as_args(example_inputs)
+    call = model_inputs(example_inputs)
     uses: dict[str, int] = {}
     handles = []
 
@@ -117,7 +106,7 @@ def count_uses(model: nn.Module, example_inputs: Any) -> dict[str, int]:
             if counter is not None:
                 handles.append(module.register_forward_hook(hook(path, counter), with_kwargs=True))
         with _untouched(model), torch.no_grad():
-            model(*args)
+            call(model)
     finally:
         for handle in handles:
             handle.remove()

@@ -329,7 +329,8 @@ def _row(name: str, tensor: Tensor, masked: bool, uses: int | None) -> ReportRow
 
 
 def sparsity_report(
-    source: nn.Module | Mapping[str, Tensor], example_inputs: Tensor | Sequence[Any] | None = None
+    source: nn.Module | Mapping[str, Tensor],
+    example_inputs: Tensor | Sequence[Any] | Mapping[str, Any] | None = None,
 ) -> SparsityReport:
     """Count the zero entries of every weight and bias tensor of a model or a state_dict, and the MACs.
 
@@ -367,15 +368,16 @@ def sparsity_report(
             tensors, e.g. loaded from a file), whose rows are the tensors whose last name component
             starts or ends with ``weight`` or ``bias`` and every masked tensor. Buffers such as
             ``running_mean`` are not rows of a state_dict.
-        example_inputs: a tensor, or a tuple of the model's positional arguments, to count MACs on
-            (``source`` must then be a module); ``None`` counts none.
+        example_inputs: a tensor, a tuple of the model's positional arguments or a mapping of keyword
+            arguments (``model(**inputs)``) to count MACs on (``source`` must then be a module);
+            ``None`` counts none.
 
     Returns:
         The :class:`SparsityReport`, rows in state_dict order.
 
     Raises:
         PruningTypeError: ``source`` is neither a module nor a mapping with str keys, or
-            ``example_inputs`` come with a state_dict or are neither a tensor nor a tuple.
+            ``example_inputs`` come with a state_dict or are neither a tensor, a tuple nor a mapping.
         ShapeMismatchError: a mask's shape differs from its tensor's.
     """
     tensors: Iterator[tuple[str, Tensor, bool]]

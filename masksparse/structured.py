@@ -241,7 +241,8 @@ def prune_channels(
 
     Args:
         model: the model; pruned in place (torch-style ``<name>_orig`` / ``<name>_mask``).
-        example_inputs: a tensor or tuple of positional arguments to trace the model with.
+        example_inputs: what to trace the model with: a tensor, a tuple of positional arguments, or a
+            mapping of keyword arguments (a dict or ``BatchEncoding``, called as ``model(**inputs)``).
         amount: per group, the fraction (float in [0, 1]) or number (int) of units to leave pruned,
             counted against the original size: calling again with the same amount changes nothing,
             with a larger one prunes up to it. A group always keeps at least one unit.

@@ -445,8 +445,8 @@ def test_example_inputs_as_tuple_and_keywordless_args() -> None:
     ("source", "inputs", "match"),
     [
         ({"fc.weight": torch.ones(2, 2)}, torch.ones(1, 2), "pass the nn.Module"),
-        (nn.Linear(2, 2), "x", "tensor or a tuple"),
-        (nn.Linear(2, 2), 3.0, "tensor or a tuple"),
+        (nn.Linear(2, 2), "x", "a tensor, a tuple or list .* or a mapping of keyword arguments"),
+        (nn.Linear(2, 2), 3.0, "a tensor, a tuple or list .* or a mapping of keyword arguments"),
     ],
     ids=["state-dict", "str", "float"],
 )

@@ -164,14 +164,15 @@ def compact(
     The plan (see :func:`plan_compaction`) is applied to a deep copy, which must reproduce the masked
     model's outputs on ``example_inputs`` within a relative error of 1e-4 (``max |diff| / max |ref|``);
     otherwise :class:`~masksparse.CompactionError` names the first diverging module and ``model`` is
-    left as it was. The result has no masks (they are made permanent) and updated attributes
-    (``out_channels``, ``in_features``, ``num_features``, ...); an attention module that loses heads and
-    whose torch or torchvision class cannot hold fewer becomes a subclass of it with the same parameters
-    (:class:`~masksparse.compact.modules.CompactMultiheadAttention`,
-    :mod:`masksparse.compact.torchvision_attention`).
-    With ``inplace=True`` the same plan is
-    then applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to
-    slice its state (SGD momentum, Adam moments) as well.
+    left as it was. ``example_inputs`` is a tensor, a tuple of positional arguments or a mapping of
+    keyword arguments (``model(**inputs)``); every tensor of the outputs (in tuples, dicts, dataclasses
+    or a Hugging Face ``ModelOutput``) is compared. The result has no masks (they are made permanent)
+    and updated attributes (``out_channels``, ``in_features``, ``num_features``, ...); an attention
+    module that loses heads and whose torch or torchvision class cannot hold fewer becomes a subclass of
+    it with the same parameters (:class:`~masksparse.compact.modules.CompactMultiheadAttention`,
+    :mod:`masksparse.compact.torchvision_attention`). With ``inplace=True`` the same plan is then
+    applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to slice its
+    state (SGD momentum, Adam moments) as well.
 
     Masked units that a normalisation reduces over (a LayerNorm's normalised width, GroupNorm's or
     ``nn.RMSNorm``'s channels) are kept by default: removing them changes the statistics, so no

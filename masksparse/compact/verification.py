@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
+from masksparse._inputs import ModelInputs, model_inputs, output_tensors
 from masksparse.compact.plan import NormalisationChange, Plan
-from masksparse.graph.record import _eval_mode, as_args
+from masksparse.graph.record import _eval_mode
 
 __all__ = ["RTOL", "deviation", "relative_error", "verify"]
 
@@ -29,7 +29,7 @@ RTOL = 1e-4
 
 
 def _run(
-    model: nn.Module, args: tuple[Any, ...], record: bool, changes: Sequence[NormalisationChange] = ()
+    model: nn.Module, args: ModelInputs, record: bool, changes: Sequence[NormalisationChange] = ()
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``model``; with ``record``, also every module's first output tensor, in execution order.
     ``changes``: normalisations to run over their kept units only."""
@@ -42,19 +42,19 @@ def _run(
     try:
         kept = _KeptUnits(changes) if changes else contextlib.nullcontext()
         with _eval_mode(model), torch.no_grad(), kept:
-            out = model(*args)
+            out = args(model)
     except Exception as exc:
         where = stack[-1] if stack else ""
         raise CompactionError(f"the compacted model fails in module {where or '<model>'!r}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)], seen
+    return output_tensors(out), seen
 
 
 def _keep(seen: dict[str, torch.Tensor], stack: list[str], path: str, out: Any) -> None:
     stack.pop()
-    first = next((t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+    first = next(iter(output_tensors(out)), None)
     if first is not None and path not in seen:
         seen[path] = first.detach().clone()
 
@@ -89,7 +89,7 @@ def verify(
     With normalisation changes in ``plan`` (``allow_inexact=True``), the reference is the masked model
     with those normalisations reducing over the kept units only, and ``reference`` is not used.
     """
-    args = as_args(example_inputs)
+    args = model_inputs(example_inputs)
     changes = plan.normalisations
     if reference is None or changes:
         reference = _run(masked, args, record=False, changes=changes)[0]
@@ -133,7 +133,7 @@ def deviation(compacted: nn.Module, example_inputs: Any, reference: list[torch.T
         >>> deviation(layer, torch.tensor([[1.0, 1.0]]), [torch.tensor([[2.5]])])
         0.2
     """
-    got, _ = _run(compacted, as_args(example_inputs), record=False)
+    got, _ = _run(compacted, model_inputs(example_inputs), record=False)
     return _worst(reference, got)
 
 

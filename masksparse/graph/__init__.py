@@ -25,8 +25,9 @@ def trace(model: nn.Module, example_inputs: Any) -> Graph:
     The model runs in eval mode without gradients (its modes are restored afterwards) and is not
     changed. Modules that run only in training mode (auxiliary classifiers) are found by a second,
     side-effect-free run in training mode (see :func:`~masksparse.graph.record.record`), so the layers
-    reading the model's channels there shrink with them. ``example_inputs`` is a tensor or a tuple of
-    the model's positional arguments.
+    reading the model's channels there shrink with them. ``example_inputs`` is a tensor, a tuple of
+    the model's positional arguments, or a mapping of keyword arguments (``model(**inputs)``, as Hugging
+    Face models are called).
 
     Example:
         >>> import torch

@@ -26,7 +26,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from masksparse._errors import CompactionError, MaskSparseError, PruningTypeError
+from masksparse._errors import CompactionError, MaskSparseError
+from masksparse._inputs import ModelInputs, model_inputs, output_tensors
 
 __all__ = ["Node", "Trace", "Value", "record"]
 
@@ -236,14 +237,14 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _training_mode(model: nn.Module, args: tuple[Any, ...]) -> Iterator[None]:
+def _training_mode(model: nn.Module, inputs: ModelInputs) -> Iterator[None]:
     """Training mode without side effects (see :func:`record`).
 
     Normalisation layers and dropout modules stay in eval mode: only which modules run matters here,
     and the constants the analysis computes must be those of eval mode, which compaction verifies.
     """
     buffers = [(b, b._version, b.clone()) for n, b in model.named_buffers() if not n.endswith("_mask")]
-    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves(args)]
+    tensors = [*model.parameters(), *model.buffers(), *inputs.tensors()]
     cuda = {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
     with torch.random.fork_rng(devices=sorted(cuda)), _modes_kept(model):
         model.train()
@@ -271,7 +272,7 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
     def post(path: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             recorder.module_stack.pop()
-            first = next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
+            first = next(iter(output_tensors(output)), None)
             if first is not None and path not in outputs:
                 outputs[path] = recorder.lookup(first)
 
@@ -287,18 +288,6 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
     finally:
         for h in handles:
             h.remove()
-
-
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
-    """Positional arguments for ``model(*args)`` from a tensor or a tuple/list of arguments."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        return tuple(example_inputs)
-    raise PruningTypeError(
-        f"example_inputs must be a tensor or a tuple of the model's positional arguments, "
-        f"got {type(example_inputs).__name__}"
-    )
 
 
 def record(model: nn.Module, example_inputs: Any) -> Trace:
@@ -319,7 +308,7 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
         >>> [str(n.op) for n in t.nodes]
         ['aten.t.default', 'aten.addmm.default']
     """
-    args = as_args(example_inputs)
+    call = model_inputs(example_inputs)
     leaves: dict[int, tuple[torch.Tensor, tuple[str, str]]] = {}
     params: dict[int, tuple[str, str]] = {}
     for path, module in model.named_modules():
@@ -329,26 +318,27 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
                 if name in module._parameters:
                     params[id(t)] = (path, name)
     recorder = _Recorder(leaves)
-    inputs = [recorder.new_value(t, False) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    # a tensor passed twice (as two keyword arguments, say) is one input
+    inputs = [recorder.new_value(t, False) for t in {id(t): t for t in call.tensors()}.values()]
     module_outputs: dict[str, Value] = {}
     with torch.no_grad(), _module_hooks(model, recorder, module_outputs):
         with _eval_mode(model), recorder:
-            out = _run(model, args, recorder, "")
-        out_tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            out = _run(model, call, recorder, "")
+        out_tensors = output_tensors(out)
         outputs = [recorder.lookup(t) for t in out_tensors]
         unused = _unused(params, recorder)
         if unused:
             recorder.start_replay()
-            with _training_mode(model, args), recorder:
+            with _training_mode(model, call), recorder:
                 why = (
                     f"parameters {_names(unused)} take no part in the eval-mode run, and the training-mode "
                     f"run that shows which channels they read failed (make model.train() run on the "
                     f"example inputs, or set the modules that never run to None)"
                 )
-                train_out = _run(model, args, recorder, why)
-            for t in pytree.tree_leaves(train_out):
-                v = recorder.lookup(t) if isinstance(t, torch.Tensor) else None
-                if v is not None and v not in outputs:
+                train_out = _run(model, call, recorder, why)
+            for t in output_tensors(train_out):
+                v = recorder.lookup(t)
+                if v not in outputs:
                     outputs.append(v)
             unused = _unused(params, recorder)
     if unused:
@@ -362,9 +352,9 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
     return Trace(recorder.values, recorder.nodes, inputs, outputs, module_outputs, out_tensors, unused)
 
 
-def _run(model: nn.Module, args: tuple[Any, ...], recorder: _Recorder, why: str) -> Any:
+def _run(model: nn.Module, call: ModelInputs, recorder: _Recorder, why: str) -> Any:
     try:
-        return model(*args)
+        return call(model)
     except MaskSparseError:
         raise
     except Exception as exc:
