@@ -21,6 +21,7 @@ from masksparse.graph import rules as rules_module
 from masksparse.graph.record import record
 from masksparse.graph.rules import registered_ops
 from masksparse.structured import prune_channels
+from tests import cases_attention, cases_layers
 from tests.models import ChannelCumsum
 
 
@@ -602,7 +603,8 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
     return cases
 
 
-CASES = _cases()
+# the cases of the layer and attention rules live in files of their own
+CASES = {**_cases(), **cases_layers.CASES, **cases_attention.CASES}
 # Registered ops that the cases above do not reach, and why that is acceptable.
 NOT_EXERCISED = {
     # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,

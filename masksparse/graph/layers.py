@@ -128,6 +128,15 @@ def _linear_fold(node: Node, wt: Value) -> str | None:
     return None
 
 
+def _tie_broadcast(rel: Relations, bias: object, out: Value) -> None:
+    """An added term (a bias) broadcast against ``out``: its dims tie to the trailing dims they match."""
+    if isinstance(bias, Value):
+        off = out.ndim - bias.ndim
+        for d in range(bias.ndim):
+            if d + off >= 0 and bias.shape[d] == out.shape[d + off]:
+                rel.tie(bias, d, out, d + off)
+
+
 @register_rule(aten.mm, aten.addmm)
 def _mm(node: Node, rel: Relations) -> None:
     """``x @ wt (+ bias)``: x's columns contract with wt's rows; wt's columns make the outputs."""
@@ -136,11 +145,7 @@ def _mm(node: Node, rel: Relations) -> None:
     out = node.outputs[0]
     rel.tie(x, 0, out, 0)
     rel.tie(wt, 1, out, 1)
-    if isinstance(bias, Value):
-        off = out.ndim - bias.ndim
-        for d in range(bias.ndim):
-            if bias.shape[d] == out.shape[d + off]:
-                rel.tie(bias, d, out, d + off)
+    _tie_broadcast(rel, bias, out)
     rel.contract(x, 1, wt, 0, fold=_linear_fold(node, wt))
 
 
@@ -171,27 +176,56 @@ def _mm_transfer(node: Node, rel: Relations, states: States) -> None:
 register_rule(aten.mm, aten.addmm, transfer=_mm_transfer)(_mm)
 
 
-@register_rule(aten.bmm)
+def _bmm_parts(node: Node) -> tuple[Value | None, Value, Value]:
+    """``(added term, batch1, batch2)`` of a bmm (no added term) or a baddbmm."""
+    if node.op.overloadpacket is aten.baddbmm:
+        return node.args[0], node.args[1], node.args[2]
+    return None, node.args[0], node.args[1]
+
+
+@register_rule(aten.bmm, aten.baddbmm)
 def _bmm(node: Node, rel: Relations) -> None:
-    a, b, out = node.args[0], node.args[1], node.outputs[0]
+    """``a @ b`` batch by batch (``beta * input + alpha * a @ b`` for baddbmm, as BLOOM's attention
+    scores are computed): a's last dim contracts with b's middle one."""
+    bias, a, b = _bmm_parts(node)
+    out = node.outputs[0]
     rel.tie(a, 0, out, 0)
     rel.tie(b, 0, out, 0)
     rel.tie(a, 1, out, 1)
     rel.tie(b, 2, out, 2)
     rel.contract(a, 2, b, 1)
+    _tie_broadcast(rel, bias, out)
 
 
 def _bmm_transfer(node: Node, rel: Relations, states: States) -> None:
     """Zeros only: a batch entry either factor zeroes is zero, and so are the rows of ``a`` and the
-    columns of ``b`` that are zero (attention over the v of a masked head yields zero)."""
-    a, b, out = node.args[0], node.args[1], node.outputs[0]
-    zero = (states.get(a, 0) == 0) | (states.get(b, 0) == 0)
-    states.set(out, 0, np.where(zero, 0.0, np.nan))
-    states.set(out, 1, np.where(states.get(a, 1) == 0, 0.0, np.nan))
-    states.set(out, 2, np.where(states.get(b, 2) == 0, 0.0, np.nan))
+    columns of ``b`` that are zero (attention over the v of a masked head yields zero); for baddbmm
+    only where the added term is zero too."""
+    bias, a, b = _bmm_parts(node)
+    out = node.outputs[0]
+    zeros = [
+        (states.get(a, 0) == 0) | (states.get(b, 0) == 0),
+        states.get(a, 1) == 0,
+        states.get(b, 2) == 0,
+    ]
+    for d, zero in enumerate(zeros):
+        if isinstance(bias, Value):
+            zero = zero & (_operand(bias, d, out, states) == 0)
+        states.set(out, d, np.where(zero, 0.0, np.nan))
 
 
-register_rule(aten.bmm, transfer=_bmm_transfer)(_bmm)
+register_rule(aten.bmm, aten.baddbmm, transfer=_bmm_transfer)(_bmm)
+
+
+@register_rule(aten.addbmm)
+def _addbmm(node: Node, rel: Relations) -> None:
+    """``beta * input + alpha * sum_i a[i] @ b[i]``: the batch dim and a's last dim are summed over."""
+    bias, a, b, out = node.args[0], node.args[1], node.args[2], node.outputs[0]
+    rel.contract(a, 0, b, 0)
+    rel.contract(a, 2, b, 1)
+    rel.tie(a, 1, out, 0)
+    rel.tie(b, 2, out, 1)
+    _tie_broadcast(rel, bias, out)
 
 
 # ---------------------------------------------------------------------------------- normalisation

@@ -284,6 +284,18 @@ def _cat(node: Node, rel: Relations) -> None:
         offset += v.shape[dim]
 
 
+@register_rule(aten.stack)
+def _stack(node: Node, rel: Relations) -> None:
+    """``stack(tensors, dim)``: every input's dims carry to the output's, shifted past the new ``dim``,
+    whose size (the number of tensors) is fixed."""
+    out = node.outputs[0]
+    dim = node.arg(1, "dim", 0) % out.ndim
+    for v in node.args[0]:
+        for d in range(v.ndim):
+            rel.carry(v, d, out, d if d < dim else d + 1)
+    rel.block(out, dim, f"the number of tensors stacked by {_where(node)}")
+
+
 def _carry_except(node: Node, rel: Relations, x: Value, out: Value, dim: int, keeps_dim: bool) -> None:
     for d in range(x.ndim):
         if d == dim:
