@@ -10,6 +10,7 @@ from masksparse import prune
 from masksparse._errors import (
     CompactionError,
     InexactCompactionWarning,
+    KeptUnitsWarning,
     MaskSparseError,
     MissingDependencyError,
     PruningAttributeError,
@@ -34,6 +35,7 @@ __all__ = [
     "CompactionError",
     "Graph",
     "InexactCompactionWarning",
+    "KeptUnitsWarning",
     "LayerComparison",
     "MaskSparseError",
     "MissingDependencyError",

@@ -49,10 +49,17 @@ class MissingDependencyError(MaskSparseError, ImportError):
 class CompactionError(MaskSparseError, RuntimeError):
     """Tracing, structured pruning or compaction cannot proceed exactly.
 
-    An operation without a rule touches a pruned dimension, the model fails on its example inputs, or
-    the compacted model does not compute what the masked model computes. The message names the operation
-    or the first module where outputs diverge.
+    The model fails on its example inputs, a rule does not fit its operation, or the compacted model does
+    not compute what the masked model computes however much compaction keeps. The message names the
+    operation or the module; ``module`` holds that module's path where one is known (``""``: the model
+    itself), and ``ran`` whether the compacted model failed to run there (rather than computing
+    something else).
     """
+
+    def __init__(self, message: str, module: str | None = None, ran: bool = True) -> None:
+        super().__init__(message)
+        self.module = module
+        self.ran = ran
 
 
 class InexactCompactionWarning(UserWarning):
@@ -68,4 +75,19 @@ class InexactCompactionWarning(UserWarning):
     def __init__(self, message: str, deviation: float, plan: Any = None) -> None:
         super().__init__(message)
         self.deviation = deviation
+        self.plan = plan
+
+
+class KeptUnitsWarning(UserWarning):
+    """Pruning or compaction kept units that it would have removed, because a module could not follow
+    their removal (an operation without a rule reads them, an attention module derives its head size
+    from its width, the compacted module failed to run or changed its output, ...).
+
+    Everything else was still pruned or compacted, exactly. ``plan`` is the compaction plan applied
+    (``plan.kept`` lists what was kept and why), or None when ``prune_channels`` warns; the message
+    says the same.
+    """
+
+    def __init__(self, message: str, plan: Any = None) -> None:
+        super().__init__(message)
         self.plan = plan

@@ -10,18 +10,21 @@ exactly what :func:`masksparse.compact` will make of it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from masksparse import prune
-from masksparse._errors import CompactionError, PruningTypeError, PruningValueError
+from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueError
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
+from masksparse.graph.record import Node
 from masksparse.importance import (
     Criterion,
     criterion,
@@ -101,39 +104,70 @@ def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
     return ~alive
 
 
+def _output_units(graph: Graph, ignored: list[str]) -> set[int]:
+    """The units the outputs of the ignored modules (and of every module inside them) carry: as in
+    Torch-Pruning, an ignored layer keeps its outputs, and its inputs follow the layers producing them."""
+    units: set[int] = set()
+    for path, v in graph.trace.module_outputs.items():
+        if any(_under(path, p) for p in ignored):
+            for d in range(v.ndim):
+                units.update(np.unique(graph.labels[graph.slots(v, d)]).tolist())
+    return units
+
+
 def _candidates(
     model: nn.Module,
     graph: Graph,
     amount: float | int,
     amounts: dict[str, float | int],
     ignored: list[str],
+    untouched: list[str],
     allow_inexact: bool = False,
 ) -> list[_Candidate]:
     found = []
     heads = fixed_heads(model, graph)
     # units only a normalisation blocks count as free when the user accepts the change it makes
     inexact = inexact_units(graph) if allow_inexact else {}
+    kept_outputs = _output_units(graph, ignored)
+    skipped: list[tuple[Group, Node]] = []
     for group in graph.groups:
-        if any(_under(m.module, p) for m in group.members for p in ignored):
+        if any(_under(m.module, p) for m in group.members for p in untouched):
+            continue
+        if kept_outputs.intersection(group.units):
             continue
         if not any(is_parameter(model, m) for m in group.members):
             continue
         unknown = [graph.unknown[u] for u in group.units if u in graph.unknown and u not in graph.fixed]
         if unknown:
-            node = unknown[0]
-            raise CompactionError(
-                f"{node.op} in module {node.module or '<model>'!r} has no rule and touches the channels of "
-                f"{group.members[0].module}.{group.members[0].tensor}: masksparse cannot tell what pruning "
-                f"them does there. Register a rule (masksparse.graph.register_rule) or list the module in "
-                f"ignored_layers."
-            )
+            skipped.append((group, unknown[0]))
+            continue
         prunable = group.prunable or (
             bool(inexact)
             and all(u in inexact or (u not in graph.fixed and u not in graph.unknown) for u in group.units)
         )
         if prunable and not any(u in heads for u in group.units):
             found.append(_Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, group)))
+    if skipped:
+        _warn_skipped(skipped)
     return found
+
+
+def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:
+    """Groups an operation without a rule touches are left whole; say which, once."""
+    shown = "; ".join(
+        f"{g.size} units of {g.members[0].module}.{g.members[0].tensor} ({node.op} in module "
+        f"{node.module or '<model>'!r})"
+        for g, node in skipped[:limit]
+    )
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    warnings.warn(
+        KeptUnitsWarning(
+            f"prune_channels left {len(skipped)} group(s) whole that operations without a rule read, and "
+            f"pruned the rest: {shown}{more}. masksparse cannot tell what pruning them does there; a rule "
+            f"(masksparse.graph.register_rule) would let them go."
+        ),
+        stacklevel=3,
+    )
 
 
 def _target(amount: float | int, size: int) -> int:
@@ -227,6 +261,7 @@ def prune_channels(
     global_ranking: bool = False,
     amounts: Mapping[nn.Module | str, float | int] | None = None,
     ignored_layers: Iterable[nn.Module | str] = (),
+    untouched_layers: Iterable[nn.Module | str] = (),
     round_to: int | None = None,
     allow_inexact: bool = False,
 ) -> nn.Module:
@@ -253,7 +288,11 @@ def prune_channels(
         amounts: a module (or its path) -> amount for the groups of its output units (the groups
             where it owns weight rows, bias or affine entries); a container module applies to every
             module inside it.
-        ignored_layers: modules (or paths) whose tensors are never shrunk: their groups are skipped.
+        ignored_layers: modules (or paths) whose outputs are kept, as in Torch-Pruning: the units that
+            the module, or any module inside it, outputs are never pruned (a classifier keeps its
+            classes), while its inputs shrink with the layers that produce them.
+        untouched_layers: modules (or paths) whose tensors are never shrunk at all, inputs included:
+            every group with a member in them is skipped (so the layers feeding them keep their width).
         round_to: keep a multiple of this many units per group (rounding the kept count up).
         allow_inexact: also prune groups blocked only because a normalisation reduces over them
             (see above). A GroupNorm needs a multiple of its groups: compaction keeps back as few
@@ -262,8 +301,9 @@ def prune_channels(
     Returns:
         ``model``.
 
-    Raises:
-        CompactionError: an operation without a rule touches a group that would be pruned.
+    Warns:
+        KeptUnitsWarning: operations without a rule read some groups; those are left whole (the
+            warning names them) and the rest is pruned.
 
     Example:
         >>> import torch
@@ -291,8 +331,9 @@ def prune_channels(
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
     }
     ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
+    untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
     graph = trace(model, example_inputs)
-    cands = _candidates(model, graph, amount, per_module, ignored, allow_inexact)
+    cands = _candidates(model, graph, amount, per_module, ignored, untouched, allow_inexact)
     for c in cands:
         c.scores = score(c.group, model)
     own = [

@@ -26,15 +26,16 @@ def python_blocks(text: str) -> list[str]:
 
 
 def public_modules() -> list[str]:
-    """masksparse and its public modules one level down (``masksparse.prune``, ``masksparse.report``, ...).
+    """masksparse and its public modules at every depth (``masksparse.prune``,
+    ``masksparse.compact.planning``, ...).
 
-    Private modules (``_errors``), ``__main__`` and the command line (``cli``, whose interface is its
-    ``--help``) are not API.
+    Private modules (``_errors``, and everything below a private package), ``__main__`` and the command
+    line (``cli``, whose interface is its ``--help``) are not API.
     """
     names = [
-        f"masksparse.{info.name}"
-        for info in pkgutil.iter_modules(masksparse.__path__)
-        if not info.name.startswith("_") and info.name != "cli"
+        info.name
+        for info in pkgutil.walk_packages(masksparse.__path__, prefix="masksparse.")
+        if not any(part.startswith("_") for part in info.name.split(".")) and info.name != "masksparse.cli"
     ]
     return ["masksparse", *sorted(names)]
 

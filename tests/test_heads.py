@@ -3,11 +3,13 @@ modules whose forward could not follow keep their heads or refuse by name."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from masksparse import MaskSparseError, prune
+from masksparse import KeptUnitsWarning, prune
 from masksparse.compact import compact, plan_compaction
 from masksparse.structured import prune_channels
 from tests.models import assert_same, params
@@ -129,18 +131,22 @@ def test_prune_channels_leaves_heads_alone_where_forward_could_not_follow(kind: 
         (DerivedHeadSize, r"\(DerivedHeadSize\).*no head size 6 apart from num_heads"),
     ],
 )
-def test_removing_heads_the_module_cannot_follow_raises(kind: type[nn.Module], why: str) -> None:
-    """Dead heads whose number is not in one attribute, or whose size forward derives from it, are
-    refused by name rather than guessed at; the model is left as it was."""
+def test_heads_the_module_cannot_follow_are_kept_by_name(kind: type[nn.Module], why: str) -> None:
+    """Dead heads whose number is not in one attribute, or whose size forward derives from it, are kept
+    rather than guessed at, and the plan and the warning say why; the result is exact."""
     torch.manual_seed(0)
     model = kind().eval()
     columns = torch.ones(24, 24, dtype=torch.bool)
     columns[:, 6:12] = False  # head 1 contributes nothing
     prune.custom_from_mask(model.proj, "weight", columns)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(MaskSparseError, match=r"1 of the 4 heads dead .* in module '<model>' " + why):
-        compact(model, X_TOKENS, inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    reference = model(X_TOKENS)
+    plan = plan_compaction(model, X_TOKENS)
+    assert plan.cuts == () and len(plan.kept) == 1
+    assert re.search(r"1 of the 4 heads dead .* in module '<model>' " + why, plan.kept[0].reason)
+    with pytest.warns(KeptUnitsWarning, match="1 dead unit"):
+        small = compact(model, X_TOKENS, inplace=True)
+    assert small.proj.in_features == 24
+    torch.testing.assert_close(small(X_TOKENS), reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mask_bias", [True, False])

@@ -7,11 +7,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from masksparse import MaskSparseError, PruningTypeError, PruningValueError
+from masksparse import PruningTypeError, PruningValueError
 from masksparse.graph import Group, trace
 from masksparse.importance import tensor_of
 from masksparse.structured import _dead_units, _write_masks, prune_channels
-from tests.models import ChannelCumsum
 
 
 def chain(seed: int = 0) -> nn.Sequential:
@@ -78,14 +77,29 @@ def test_schedule_reaches_the_final_amount() -> None:
     assert len(dead_out(stepped, "0")) == len(dead_out(once, "0")) == 4
 
 
-def test_ignored_layers_never_shrink() -> None:
+def test_ignored_layers_keep_their_outputs_and_their_inputs_follow() -> None:
+    """As in Torch-Pruning: an ignored layer keeps its outputs; its inputs shrink with their producer."""
     model = chain()
     prune_channels(model, X, 0.5, ignored_layers=[model[3]])
-    assert not hasattr(model[3], "weight_mask") and not hasattr(
-        model[0], "weight_mask"
-    )  # both of conv 3's groups
+    assert dead_out(model, "3") == set() and len(dead_out(model, "0")) == 4
+    assert not mask(model, "3").transpose(0, 1).flatten(1).any(1).all()  # conv 3 loses input columns
     model = chain()
-    prune_channels(model, X, 0.5, ignored_layers=["5"])
+    prune_channels(model, X, 0.5, ignored_layers=["5"])  # the model output: pruned never anyway
+    assert len(dead_out(model, "0")) == 4 and len(dead_out(model, "3")) == 3
+
+
+def test_ignoring_a_container_keeps_the_outputs_of_everything_inside() -> None:
+    model = nn.Sequential(chain()[:3], chain()[3:])
+    prune_channels(model, X, 0.5, ignored_layers=[model[0]])
+    assert dead_out(model, "0.0") == set() and len(dead_out(model, "1.3")) == 3
+
+
+def test_untouched_layers_keep_inputs_and_outputs() -> None:
+    model = chain()
+    prune_channels(model, X, 0.5, untouched_layers=[model[3]])
+    assert not hasattr(model[3], "weight_mask") and not hasattr(model[0], "weight_mask")
+    model = chain()
+    prune_channels(model, X, 0.5, untouched_layers=["5"])
     assert len(dead_out(model, "0")) == 4 and dead_out(model, "3") == set()
 
 
@@ -160,14 +174,6 @@ def test_callable_importance_decides() -> None:
     assert dead_out(model, "0") == {4, 5, 6, 7} and dead_out(model, "3") == {3, 4, 5}
     with pytest.raises(PruningValueError, match="one score per unit"):
         prune_channels(chain(), X, 0.5, importance=lambda g, m: torch.zeros(g.size + 1))
-
-
-def test_an_op_without_a_rule_on_a_pruned_dim_raises_naming_it() -> None:
-    model = ChannelCumsum()
-    with pytest.raises(MaskSparseError, match=r"aten\.cumsum.*'<model>'.*ignored_layers"):
-        prune_channels(model, torch.randn(1, 3, 2, 2), 0.5)
-    assert not hasattr(model.a, "weight_mask")
-    prune_channels(model, torch.randn(1, 3, 2, 2), 0.5, ignored_layers=[model.a, model.b])
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ def inexact_hint(plan: Plan) -> str:
     return (
         f"allow_inexact=True shrank the widths that {len(plan.normalisations)} normalisation(s) reduce over "
         f"({', '.join(widths)}); a module whose code derives a size from such a width (C // num_heads, "
-        f"say) cannot follow: list it in prune_channels' ignored_layers to keep the width it reads, or "
+        f"say) cannot follow: list it in prune_channels' untouched_layers to keep the width it reads, or "
         f"compact with allow_inexact=False to keep every normalised width"
     )
 

@@ -8,18 +8,20 @@ plan in place, slicing the same Parameter objects and their optimizer state).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from masksparse import prune
-from masksparse._errors import CompactionError, PruningValueError
+from masksparse._errors import CompactionError, KeptUnitsWarning, PruningValueError
 from masksparse.compact._inexact import inexact_hint, state_deviation
-from masksparse.compact.plan import BiasFold, Plan, TensorCut
-from masksparse.compact.planning import _plan
+from masksparse.compact.fallback import describe, units_to_keep
+from masksparse.compact.plan import BiasFold, KeptUnits, Plan, TensorCut
+from masksparse.compact.planning import Kept, _plan
 from masksparse.compact.verification import deviation, verify
-from masksparse.graph import trace
+from masksparse.graph import Graph, trace
 from masksparse.graph.inexact import check_allow_inexact
 from masksparse.importance import tensor_of
 
@@ -222,18 +224,45 @@ def compact(
             "(compact(model, inputs, inplace=True, optimizer=opt))"
         )
     graph = trace(model, example_inputs)
-    plan = _plan(model, graph, allow_inexact)
-    candidate, cut = _copy(model, plan)
-    _apply(candidate, plan, None, source=model if cut else None)
-    try:
-        verify(model, candidate, example_inputs, plan, reference=graph.trace.output_tensors)
-    except CompactionError as exc:
-        if plan.exact or exc.__cause__ is None:  # only a model that fails to run gets the hint
-            raise
-        raise CompactionError(f"{exc}. {inexact_hint(plan)}") from exc
+    plan, candidate = _verified(model, graph, example_inputs, allow_inexact)
+    if plan.kept:
+        warnings.warn(KeptUnitsWarning(_kept_message(plan), plan), stacklevel=2)
     if not plan.exact:
         state_deviation(plan, deviation(candidate, example_inputs, graph.trace.output_tensors))
     if not inplace:
         return candidate
     _apply(model, plan, optimizer)
     return model
+
+
+def _verified(
+    model: nn.Module, graph: Graph, example_inputs: Any, allow_inexact: bool
+) -> tuple[Plan, nn.Module]:
+    """The plan and the compacted copy that verification accepts: when the copy fails in a module, that
+    module keeps its units (see :mod:`masksparse.compact.fallback`) and compaction plans again."""
+    kept: Kept = []
+    while True:
+        plan = _plan(model, graph, allow_inexact, kept)
+        candidate, cut = _copy(model, plan)
+        _apply(candidate, plan, None, source=model if cut else None)
+        try:
+            verify(model, candidate, example_inputs, plan, reference=graph.trace.output_tensors)
+            return plan, candidate
+        except CompactionError as exc:
+            units, where = units_to_keep(model, graph, plan, exc)
+            units -= frozenset().union(*(u for u, _ in kept))
+            if not units:
+                if plan.exact or exc.__cause__ is None:  # only a model that fails to run gets the hint
+                    raise
+                raise CompactionError(f"{exc}. {inexact_hint(plan)}", exc.module, exc.ran) from exc
+            kept.append((frozenset(units), KeptUnits(where, describe(exc), len(units))))
+
+
+def _kept_message(plan: Plan, limit: int = 3) -> str:
+    n = sum(k.units for k in plan.kept)
+    shown = "; ".join(f"{k.module or '<model>'}: {k.reason}" for k in plan.kept[:limit])
+    more = f"; and {len(plan.kept) - limit} more" if len(plan.kept) > limit else ""
+    return (
+        f"compaction kept {n} dead unit(s) that it could not remove exactly, and compacted the rest: "
+        f"{shown}{more} (print(warning.plan) lists them)"
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["AttributeUpdate", "BiasFold", "NormalisationChange", "Plan", "TensorCut"]
+__all__ = ["AttributeUpdate", "BiasFold", "KeptUnits", "NormalisationChange", "Plan", "TensorCut"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,16 @@ class AttributeUpdate:
 
 
 @dataclass(frozen=True)
+class KeptUnits:
+    """``units`` units the masks make dead that compaction keeps, since ``module`` could not follow their
+    removal: ``reason`` says why. Keeping a dead unit is always exact; the rest is still compacted."""
+
+    module: str
+    reason: str
+    units: int = 0
+
+
+@dataclass(frozen=True)
 class NormalisationChange:
     """A normalisation in ``module`` that will reduce over ``kept`` of ``size`` units along ``dim`` of its
     input (``keep``), not all of them: the one change compaction makes that is not exact (planned only
@@ -66,7 +76,8 @@ class NormalisationChange:
 class Plan:
     """What compaction will do; building it changes nothing. ``print(plan)`` shows it.
 
-    ``normalisations`` lists the normalisations that will reduce over fewer units (only with
+    ``kept`` lists dead units compaction keeps because a module could not follow their removal, and
+    why. ``normalisations`` lists the normalisations that will reduce over fewer units (only with
     ``allow_inexact=True``); ``deviation`` is then the measured largest relative error of the
     outputs on the example inputs, measured by :func:`masksparse.compact` (``None`` until then, and in
     an exact plan).
@@ -81,6 +92,7 @@ class Plan:
     activations: tuple[tuple[str, tuple[tuple[int, ...] | None, ...]], ...] = field(repr=False, default=())
     normalisations: tuple[NormalisationChange, ...] = ()
     deviation: float | None = None
+    kept: tuple[KeptUnits, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -105,6 +117,8 @@ class Plan:
             )
         for a in self.attributes:
             lines.append(f"set: {a.module}.{a.name} = {a.new!r} (was {a.old!r})")
+        for k in self.kept:
+            lines.append(f"kept: {k.units} dead unit(s) of {k.module or '<model>'}: {k.reason}")
         lines += self._inexact_lines()
         return "\n".join(lines)
 

@@ -10,7 +10,7 @@ out)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from masksparse.compact._inexact import (
     normalisation_changes,
     width_attributes,
 )
-from masksparse.compact.plan import AttributeUpdate, BiasFold, Plan, TensorCut
+from masksparse.compact.plan import AttributeUpdate, BiasFold, KeptUnits, Plan, TensorCut
 from masksparse.compact.slicers import slicer_for
 from masksparse.graph import Graph, trace
 from masksparse.graph.heads import head_attribute, shrunk_splits
@@ -34,15 +34,31 @@ from masksparse.importance import shape_of
 __all__ = ["plan_compaction"]
 
 
-def _removed_units(graph: Graph, allow_inexact: bool = False) -> np.ndarray:
+class KeepUnits(Exception):
+    """Raised inside planning: these units must stay, since ``module`` cannot follow their removal
+    (``entries``: (units, module, reason)). :func:`_plan` keeps them and plans again."""
+
+    def __init__(self, entries: list[tuple[set[int], str, str]]) -> None:
+        super().__init__(entries)
+        self.entries = entries
+
+
+# What a compaction keeps so far: (unit labels, why), extended as planning and verification find more.
+Kept = list[tuple[frozenset[int], KeptUnits]]
+
+
+def _removed_units(
+    graph: Graph, allow_inexact: bool = False, keep: frozenset[int] = frozenset()
+) -> np.ndarray:
     """Per slot: is its unit removed? Only units owning a parameter or buffer count: removing the
     rest would change nothing in the model. With ``allow_inexact``, units that only a normalisation
-    blocks may go too."""
+    blocks may go too. ``keep``: units to keep whatever the masks say."""
     n = graph.n_slots
     bad = np.zeros(n, dtype=bool)
     inexact = inexact_units(graph) if allow_inexact else {}
     bad[[u for u in graph.fixed if u not in inexact]] = True
     bad[list(graph.live)] = True
+    bad[list(keep)] = True
     owns = np.zeros(n, dtype=bool)
     for v in graph.trace.values:
         if v.source is not None:
@@ -50,15 +66,23 @@ def _removed_units(graph: Graph, allow_inexact: bool = False) -> np.ndarray:
                 owns[graph.labels[graph.slots(v, d)]] = True
     removable = owns & ~bad
     _keep_one(graph, removable)
-    unknown = [u for u in graph.unknown if removable[u]]
-    if unknown:
-        node = graph.unknown[unknown[0]]
-        raise CompactionError(
-            f"the masks make {len(unknown)} unit(s) dead that flow through {node.op} in module "
-            f"{node.module or '<model>'!r}, which has no rule: masksparse cannot tell what removing them "
-            f"does there. Register one with masksparse.graph.register_rule({node.op.overloadpacket}), or "
-            f"unmask those channels."
-        )
+    by_node: dict[int, set[int]] = {}
+    for u, node in graph.unknown.items():
+        if removable[u]:
+            by_node.setdefault(node.index, set()).add(u)
+    if by_node:
+        entries = []
+        for index, units in by_node.items():
+            node = graph.trace.nodes[index]
+            entries.append(
+                (
+                    units,
+                    node.module,
+                    f"{node.op} reads them and has no rule (masksparse cannot tell what removing them does "
+                    f"there; masksparse.graph.register_rule({node.op.overloadpacket}) would)",
+                )
+            )
+        raise KeepUnits(entries)
     return removable[graph.labels]
 
 
@@ -135,7 +159,7 @@ def _shared(model: nn.Module, cuts: list[TensorCut]) -> list[TensorCut]:
     ]
 
 
-def _attributes(model: nn.Module, cuts: list[TensorCut]) -> list[AttributeUpdate]:
+def _attributes(model: nn.Module, graph: Graph, cuts: list[TensorCut]) -> list[AttributeUpdate]:
     updates = []
     cuts = cuts + _shared(model, cuts)
     for path in dict.fromkeys(c.module for c in cuts):
@@ -153,7 +177,12 @@ def _attributes(model: nn.Module, cuts: list[TensorCut]) -> list[AttributeUpdate
                 shapes[c.tensor] = tuple(new)
             elif c.module == path:  # a bias a fold creates
                 shapes[c.tensor] = (len(c.keep),)
-        for name, new in slicer_for(module)(module, shapes).items():
+        try:
+            changes = slicer_for(module)(module, shapes)
+        except Exception as exc:  # a layer that cannot take its new shape keeps its units instead
+            units = cut_units(graph, cuts, path.__eq__)
+            raise KeepUnits([(units, path, _why(exc))]) from exc
+        for name, new in changes.items():
             old = getattr(module, name)
             if old != new:
                 updates.append(AttributeUpdate(path, name, old, new))
@@ -164,14 +193,20 @@ def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> lis
     """The attribute holding the number of heads, for every attention module that loses heads."""
     updates: dict[tuple[str, str], AttributeUpdate] = {}
     for split in shrunk_splits(graph, removed):
-        name = head_attribute(model.get_submodule(split.module), split)
+        assert split.slots is not None  # shrunk_splits sets them
+        units = set(np.unique(graph.labels[split.slots[removed[split.slots]]]).tolist())
+        try:
+            name = head_attribute(model.get_submodule(split.module), split)
+        except CompactionError as exc:
+            raise KeepUnits([(units, split.module, str(exc))]) from exc
         update = AttributeUpdate(split.module, name, split.size, split.kept)
         prior = updates.setdefault((split.module, name), update)
         if prior != update:
-            raise CompactionError(
-                f"module {split.module or '<model>'!r} splits {prior.old} and {update.old} heads out of "
-                f"two tensors, keeping {prior.new} and {update.new}: {name} cannot hold both"
+            why = (
+                f"it splits {prior.old} and {update.old} heads out of two tensors, keeping {prior.new} and "
+                f"{update.new}: {name} cannot hold both"
             )
+            raise KeepUnits([(units, split.module, why)])
     return list(updates.values())
 
 
@@ -219,13 +254,33 @@ def plan_compaction(model: nn.Module, example_inputs: Any, *, allow_inexact: boo
     return _plan(model, graph, allow_inexact)
 
 
-def _plan(model: nn.Module, graph: Graph, allow_inexact: bool = False) -> Plan:
-    removed = _removed_units(graph, allow_inexact)
+def _plan(model: nn.Module, graph: Graph, allow_inexact: bool = False, kept: Kept | None = None) -> Plan:
+    """The plan, keeping the units in ``kept`` and every unit a module turns out unable to lose (an op
+    without a rule reads it, a slicer or an attention module refuses its new size): those join
+    ``kept`` (extended in place) with the reason, and planning starts again without them."""
+    kept = [] if kept is None else kept
+    while True:
+        keep = frozenset().union(*(units for units, _ in kept))
+        try:
+            return _plan_once(model, graph, allow_inexact, keep, tuple(why for _, why in kept))
+        except KeepUnits as found:
+            fresh = [(units - keep, module, reason) for units, module, reason in found.entries]
+            if not any(units for units, _, _ in fresh):  # nothing new to keep: a bug, not the model's
+                raise CompactionError(
+                    f"compaction cannot keep what it must: {found.entries[0][2]}"
+                ) from found
+            kept += [(frozenset(u), KeptUnits(m, r, len(u))) for u, m, r in fresh if u]
+
+
+def _plan_once(
+    model: nn.Module, graph: Graph, allow_inexact: bool, keep: frozenset[int], kept: tuple[KeptUnits, ...]
+) -> Plan:
+    removed = _removed_units(graph, allow_inexact, keep)
     if allow_inexact:
         keep_groups_even(graph, removed)
     cuts = _cuts(graph, removed)
     folds = _folds(model, graph, removed, cuts)
-    attributes = _attributes(model, cuts) + _head_attributes(model, graph, removed)
+    attributes = _attributes(model, graph, cuts) + _head_attributes(model, graph, removed)
     changes = normalisation_changes(graph, removed) if allow_inexact else []
     if changes:
         attributes += normalisation_attributes(model, graph, changes, attributes)
@@ -237,7 +292,26 @@ def _plan(model: nn.Module, graph: Graph, allow_inexact: bool = False) -> Plan:
         if f.creates_bias and weight and not any(c.module == f.module and c.tensor == "bias" for c in cuts):
             after += weight[0]  # a new bias, not cut
     activations = _activations(graph, removed)
-    return Plan(tuple(cuts), tuple(folds), tuple(attributes), before, after, activations, tuple(changes))
+    return Plan(
+        tuple(cuts), tuple(folds), tuple(attributes), before, after, activations, tuple(changes), kept=kept
+    )
+
+
+def cut_units(graph: Graph, cuts: Iterable[TensorCut], where: Callable[[str], bool]) -> set[int]:
+    """The units the ``cuts`` of the modules ``where`` accepts (by path) remove."""
+    leaves = {(path, name): v for path, name, v in _leaves(graph)}
+    units: set[int] = set()
+    for c in cuts:
+        v = leaves.get((c.module, c.tensor))
+        if v is None or not where(c.module):
+            continue  # a bias a fold creates
+        gone = np.setdiff1d(np.arange(c.size), np.asarray(c.keep, dtype=np.int64))
+        units.update(np.unique(graph.labels[graph.slots(v, c.dim, gone)]).tolist())
+    return units
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, CompactionError) else f"{type(exc).__name__}: {exc}"
 
 
 def _param_change(model: nn.Module, cuts: list[TensorCut]) -> int:

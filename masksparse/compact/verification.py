@@ -45,7 +45,9 @@ def _run(
             out = args(model)
     except Exception as exc:
         where = stack[-1] if stack else ""
-        raise CompactionError(f"the compacted model fails in module {where or '<model>'!r}: {exc}") from exc
+        raise CompactionError(
+            f"the compacted model fails in module {where or '<model>'!r}: {exc}", module=where
+        ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -115,7 +117,9 @@ def verify(
         if err > rtol:
             raise CompactionError(
                 f"compaction changed what the model computes (max relative error {worst:.3g} > {rtol:g}); "
-                f"the first module whose output diverges is {path or '<model>'!r} (relative error {err:.3g})"
+                f"the first module whose output diverges is {path or '<model>'!r} (relative error {err:.3g})",
+                module=path,
+                ran=False,
             )
     raise CompactionError(
         f"compaction changed the model's output (max relative error {worst:.3g} > {rtol:g})"

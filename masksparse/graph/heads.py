@@ -22,7 +22,7 @@ import importlib
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -104,6 +104,8 @@ class HeadSplit:
     size: int
     kept: int
     inner: int = 1
+    # the graph slots of the heads dimension (whose units the heads are)
+    slots: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _head_splits(graph: Graph) -> list[tuple[Node, Split]]:
@@ -127,7 +129,8 @@ def shrunk_splits(graph: Graph, removed: np.ndarray) -> list[HeadSplit]:
         d = split.dims[split.choice]
         kept = int((~removed[graph.slots(split.parts, d)]).sum())
         if kept < split.parts.shape[d]:
-            found.append(HeadSplit(node.module, node, split.parts.shape[d], kept, _inner(split)))
+            slots = graph.slots(split.parts, d)
+            found.append(HeadSplit(node.module, node, split.parts.shape[d], kept, _inner(split), slots))
     return found
 
 
