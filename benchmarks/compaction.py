@@ -14,7 +14,9 @@ outputs kept), in one run, side by side:
   ``tp.pruner.MetaPruner(...)`` (it builds the dependency graph) then ``pruner.step()``; for vit_b_16 as
   in Torch-Pruning's torchvision example: each ``nn.MultiheadAttention`` in ``num_heads`` and
   ``model.hidden_dim`` set by hand after the step. Each worker first does the same on a small model of
-  the same family, so one-time costs (lazy imports, kernel set-up) are not timed.
+  the same family, so one-time costs (lazy imports, kernel set-up) are not timed. ``--parts cold``
+  times the first call instead: a fresh process with both libraries imported and the dense model run
+  once (to count its MACs), but neither library called before.
 * **latency** on CPU (2 threads, ``torch.inference_mode``) of the dense model and both smaller ones at
   batch 16 and batch 1, measured in one process, interleaved (dense, masksparse, Torch-Pruning, dense,
   ...) so all three see the same machine load; medians of ``--latency-repeats`` after a warm-up pass.
@@ -29,6 +31,7 @@ outputs kept), in one run, side by side:
     python benchmarks/compaction.py                          # --repeats 3 --latency-repeats 5
     python benchmarks/compaction.py --models resnet50 --repeats 1 --latency-repeats 2   # a quick try
     python benchmarks/compaction.py --parts latency          # only the latency table
+    python benchmarks/compaction.py --parts time,cold        # warm and first-call times
 """
 
 from __future__ import annotations
@@ -192,7 +195,8 @@ def time_worker(opt: dict[str, Any]) -> dict[str, Any]:
     name, lib = opt["model"], opt["lib"]
     x = torch.randn(1, 3, 224, 224)
     run = with_masksparse if lib == "masksparse" else with_torch_pruning
-    run(build(name, small=True), x)  # warm-up, untimed
+    if not opt.get("cold"):
+        run(build(name, small=True), x)  # warm-up, untimed
     model = build(name)
     dense_macs, dense_params = _ops(model, x)
     out: dict[str, Any] = {"lib": lib, "model": name, "dense_macs": dense_macs, "dense_params": dense_params}
@@ -370,17 +374,25 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(_MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per library and model")
     parser.add_argument("--latency-repeats", type=int, default=5, help="passes at batch 16 (4x at batch 1)")
-    parser.add_argument("--parts", default="time,latency", help="comma-separated: time, latency")
+    parser.add_argument(
+        "--parts",
+        default="time,latency",
+        help="comma-separated: time (warm), cold (the first call in a fresh process), latency",
+    )
     args = parser.parse_args()
     names = args.models.split(",")
     print(f"50% channels, classifier outputs kept; {machine_line()}; load average {_load()} at the start\n")
-    if "time" in args.parts:
+    for part in ("time", "cold"):
+        if part not in args.parts.split(","):
+            continue
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {(n, lib): [] for n in names for lib in _LIBS}
         for _ in range(args.repeats):  # alternating, so both libraries see the same machine load
             for key in runs:
-                runs[key].append(run_worker(__file__, {"kind": "time", "model": key[0], "lib": key[1]}))
-                print(f"{key}: {runs[key][-1].get('seconds', 'failed')}", file=sys.stderr, flush=True)
-        print(time_table(runs), end="\n\n", flush=True)
+                opt = {"kind": "time", "model": key[0], "lib": key[1], "cold": part == "cold"}
+                runs[key].append(run_worker(__file__, opt))
+                print(f"{part} {key}: {runs[key][-1].get('seconds', 'failed')}", file=sys.stderr, flush=True)
+        title = "warm (after a call on a small model of the same family)" if part == "time" else "cold"
+        print(f"Time, {title}:\n\n{time_table(runs)}", end="\n\n", flush=True)
     if "latency" in args.parts:
         opt = {"kind": "latency", "repeats": args.latency_repeats}
         lat = [run_worker(__file__, {**opt, "model": n}) for n in names]
