@@ -3,7 +3,8 @@
 ``from masksparse import prune`` is a drop-in for ``torch.nn.utils.prune`` with bool masks, weights
 computed on read and global pruning that scales; pruned state_dicts load into fresh models; sparsity
 reports print as tables; structured masks become a genuinely smaller model with
-:func:`masksparse.compact`.
+:func:`masksparse.compact`, saved with :func:`masksparse.save_compacted` and rebuilt from a fresh model with
+:func:`masksparse.load_compacted`.
 """
 
 from masksparse import prune
@@ -20,7 +21,15 @@ from masksparse._errors import (
     ShapeMismatchError,
     StateDictError,
 )
-from masksparse.compact import CompactMultiheadAttention, Plan, compact, plan_compaction
+from masksparse.compact import (
+    CompactMultiheadAttention,
+    Plan,
+    compact,
+    compaction_plans,
+    load_compacted,
+    plan_compaction,
+    save_compacted,
+)
 from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
@@ -52,13 +61,16 @@ __all__ = [
     "StateDictError",
     "__version__",
     "compact",
+    "compaction_plans",
     "compare_reports",
+    "load_compacted",
     "load_state_dict",
     "plan_compaction",
     "prune",
     "prune_channels",
     "read_state_dict",
     "remove_all",
+    "save_compacted",
     "save_state_dict",
     "sparsity_report",
     "trace",

@@ -5,6 +5,9 @@
 - :mod:`~masksparse.compact.apply`: :func:`compact` carries the plan out on a copy (or in place) and
   verifies it (:mod:`~masksparse.compact.verification`);
 - :mod:`~masksparse.compact.slicers`: how each layer type updates its attributes;
+- :mod:`~masksparse.compact.saving`: :func:`save_compacted` and :func:`load_compacted` write a compacted
+  model to one safetensors file and rebuild it from a fresh model; :mod:`~masksparse.compact.huggingface`
+  keeps a Hugging Face model's config in step with its sizes;
 - :mod:`~masksparse.compact.modules` and :mod:`~masksparse.compact.torchvision_attention`: the attention
   classes a module that loses heads is switched to.
 
@@ -15,8 +18,17 @@ import planning`` or ``from masksparse.compact.plan import Plan``.
 
 from masksparse.compact.apply import compact
 from masksparse.compact.modules import CompactMultiheadAttention
-from masksparse.compact.plan import AttributeUpdate, BiasFold, NormalisationChange, Plan, TensorCut
+from masksparse.compact.plan import (
+    AttributeUpdate,
+    BiasFold,
+    ConfigChange,
+    NormalisationChange,
+    Plan,
+    TensorCut,
+    compaction_plans,
+)
 from masksparse.compact.planning import plan_compaction
+from masksparse.compact.saving import load_compacted, save_compacted
 from masksparse.compact.slicers import register_slicer
 from masksparse.compact.verification import relative_error, verify
 
@@ -24,12 +36,16 @@ __all__ = [
     "AttributeUpdate",
     "BiasFold",
     "CompactMultiheadAttention",
+    "ConfigChange",
     "NormalisationChange",
     "Plan",
     "TensorCut",
     "compact",
+    "compaction_plans",
+    "load_compacted",
     "plan_compaction",
     "register_slicer",
     "relative_error",
+    "save_compacted",
     "verify",
 ]

@@ -8,6 +8,7 @@ plan in place, slicing the same Parameter objects and their optimizer state).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Any, cast
 
@@ -18,7 +19,8 @@ from masksparse import prune
 from masksparse._errors import CompactionError, KeptUnitsWarning, PruningValueError
 from masksparse.compact._inexact import inexact_hint, state_deviation
 from masksparse.compact.fallback import describe, units_to_keep
-from masksparse.compact.plan import BiasFold, KeptUnits, Plan, TensorCut
+from masksparse.compact.huggingface import apply_config, config_changes
+from masksparse.compact.plan import BiasFold, KeptUnits, Plan, TensorCut, record_plan
 from masksparse.compact.planning import Kept, _plan
 from masksparse.compact.verification import deviation, verify
 from masksparse.graph import Graph, trace
@@ -176,6 +178,14 @@ def compact(
     applied to ``model`` itself, slicing the same Parameter objects; pass the ``optimizer`` to slice its
     state (SGD momentum, Adam moments) as well.
 
+    The result carries the plan it was compacted with (:func:`~masksparse.compact.plan.compaction_plans`;
+    compacting again adds the next), which :func:`~masksparse.save_compacted` writes down so that
+    :func:`~masksparse.load_compacted` can rebuild it from a fresh model. A Hugging Face model's
+    ``config`` gets the new sizes where one value describes every layer (``intermediate_size``,
+    ``num_attention_heads``, ...; ``plan.config`` lists them, and the sizes left as they were, with the
+    reason: see :mod:`masksparse.compact.huggingface`), so ``save_pretrained`` / ``from_pretrained``
+    round-trip it.
+
     Masked units that a normalisation reduces over (a LayerNorm's normalised width, GroupNorm's or
     ``nn.RMSNorm``'s channels) are kept by default: removing them changes the statistics, so no
     compaction of them is exact. With ``allow_inexact=True`` they are removed (``normalized_shape`` and
@@ -229,10 +239,14 @@ def compact(
         warnings.warn(KeptUnitsWarning(_kept_message(plan), plan), stacklevel=2)
     if not plan.exact:
         state_deviation(plan, deviation(candidate, example_inputs, graph.trace.output_tensors))
-    if not inplace:
-        return candidate
-    _apply(model, plan, optimizer)
-    return model
+    plan = dataclasses.replace(plan, config=config_changes(model, candidate, plan))
+    result = candidate
+    if inplace:
+        _apply(model, plan, optimizer)
+        result = model
+    apply_config(result, plan.config)
+    record_plan(result, plan)
+    return result
 
 
 def _verified(

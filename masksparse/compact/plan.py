@@ -3,12 +3,25 @@ changed (see :func:`masksparse.compact.planning.plan_compaction`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tabulate import tabulate
+from torch import nn
 
-__all__ = ["AttributeUpdate", "BiasFold", "KeptUnits", "NormalisationChange", "Plan", "TensorCut"]
+__all__ = [
+    "AttributeUpdate",
+    "BiasFold",
+    "ConfigChange",
+    "KeptUnits",
+    "NormalisationChange",
+    "Plan",
+    "TensorCut",
+    "compaction_plans",
+]
+
+# The attribute of a compacted model holding the plans applied to it, oldest first.
+_PLANS = "_masksparse_plans"
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,19 @@ class NormalisationChange:
 
 
 @dataclass(frozen=True)
+class ConfigChange:
+    """A size in a Hugging Face ``model.config`` that compaction changed from ``old`` to ``new``, or, with
+    ``applied=False``, left at ``old`` because no single value describes the compacted model (``reason``
+    says why: the layers differ, or the model's code derives another size from it)."""
+
+    name: str
+    old: Any
+    new: Any
+    applied: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     """What compaction will do; building it changes nothing. ``print(plan)`` shows it.
 
@@ -80,7 +106,9 @@ class Plan:
     why. ``normalisations`` lists the normalisations that will reduce over fewer units (only with
     ``allow_inexact=True``); ``deviation`` is then the measured largest relative error of the
     outputs on the example inputs, measured by :func:`masksparse.compact` (``None`` until then, and in
-    an exact plan).
+    an exact plan). ``config`` lists the sizes of a Hugging Face ``model.config`` that compaction
+    updated, or left as they were where the compacted sizes are not one value (set by
+    :func:`masksparse.compact`).
     """
 
     cuts: tuple[TensorCut, ...]
@@ -93,6 +121,7 @@ class Plan:
     normalisations: tuple[NormalisationChange, ...] = ()
     deviation: float | None = None
     kept: tuple[KeptUnits, ...] = ()
+    config: tuple[ConfigChange, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -119,6 +148,11 @@ class Plan:
             lines.append(f"set: {a.module}.{a.name} = {a.new!r} (was {a.old!r})")
         for k in self.kept:
             lines.append(f"kept: {k.units} dead unit(s) of {k.module or '<model>'}: {k.reason}")
+        for c in self.config:
+            if c.applied:
+                lines.append(f"config: {c.name} = {c.new!r} (was {c.old!r})")
+            else:
+                lines.append(f"config: {c.name} stays {c.old!r}: {c.reason}")
         lines += self._inexact_lines()
         return "\n".join(lines)
 
@@ -144,3 +178,32 @@ class Plan:
 def _short(indices: tuple[int, ...], limit: int = 8) -> str:
     shown = ", ".join(map(str, indices[:limit]))
     return f"[{shown}{', ...' if len(indices) > limit else ''}]"
+
+
+def compaction_plans(model: nn.Module) -> tuple[Plan, ...]:
+    """The plans :func:`masksparse.compact` applied to ``model``, oldest first; empty if it never was.
+
+    A compacted model carries them (a model compacted twice, two), and so does a model rebuilt by
+    :func:`masksparse.load_compacted`: they are what :func:`masksparse.save_compacted` writes down.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse import compact, prune_channels
+        >>> from masksparse.compact.plan import compaction_plans
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> _ = prune_channels(model, x, 0.5)
+        >>> small = compact(model, x)
+        >>> [(c.module, c.tensor, c.dim, len(c.keep)) for c in compaction_plans(small)[0].cuts]
+        [('0', 'weight', 0, 4), ('0', 'bias', 0, 4), ('2', 'weight', 1, 4)]
+        >>> compaction_plans(model)  # the masked model was not compacted itself
+        ()
+    """
+    return tuple(vars(model).get(_PLANS, ()))
+
+
+def record_plan(model: nn.Module, plan: Plan) -> None:
+    """Add ``plan`` to the plans ``model`` carries (see :func:`compaction_plans`), without the
+    diagnostics only a failed verification reads."""
+    vars(model)[_PLANS] = (*compaction_plans(model), replace(plan, activations=()))

@@ -1,0 +1,135 @@
+"""Keep a Hugging Face model's ``config`` in step with the sizes compaction gives it.
+
+A transformers model is rebuilt from its config (``from_pretrained``), so after :func:`masksparse.compact`
+the config's sizes must be the compacted ones. Which config entries hold which module sizes differs
+from one architecture to the next (``intermediate_size``, ``n_inner``, ``d_ff``, ``encoder_ffn_dim``,
+``num_attention_heads``, ``n_head``, ``num_key_value_heads``, ...), so they are found, not listed: an
+entry whose name speaks of heads or of a feed-forward width and whose value some module held before
+compaction (``out_features``, ``num_heads``, ...) is a candidate for each value those modules hold now;
+it is set to that value only when a model built from the changed config (on the meta device, without
+memory) has, in every tensor that the change resizes, the compacted model's shape. A size that differs
+over the layers, or that the model's code turns into other sizes (BERT derives its head size as
+``hidden_size // num_attention_heads``, so no config value gives fewer heads of the same size), is left as
+it was and the plan says so; :func:`masksparse.load_compacted` rebuilds such a model all the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from masksparse.compact.plan import ConfigChange, Plan
+from masksparse.prune._reparam import base_class
+
+__all__ = ["config_changes"]
+
+# Config entries that may hold a number of heads or a feed-forward width; others (hidden_size,
+# num_hidden_layers, vocab_size, head_dim, ...) are never changed: compaction keeps the residual width,
+# the layers and the head size.
+_SIZE_NAME = re.compile(
+    r"(?<!d_)(?<!_d_)heads?$|(^|_)(intermediate_size|intermediate_dim|ffn_dim|d_ff|n_inner|hidden_dim|mlp_dim|"
+    r"inner_dim|ffn_hidden_size)$"
+)
+_Shapes = Mapping[str, tuple[int, ...]]
+
+
+def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[ConfigChange, ...]:
+    """The changes to ``model.config`` (a transformers ``PretrainedConfig``) that describe ``compacted``,
+    the result of ``plan``: applied ones, and ones left out with the reason. Changes nothing.
+
+    Example:
+        >>> import torch, transformers, warnings
+        >>> from masksparse import compact, prune_channels
+        >>> from masksparse.compact.plan import compaction_plans
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> model = transformers.LlamaModel(config).eval()
+        >>> ids = torch.randint(0, 64, (1, 6))
+        >>> _ = prune_channels(model, ids, 0.5)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     small = compact(model, ids)
+        >>> compaction_plans(small)[0].config
+        (ConfigChange(name='intermediate_size', old=64, new=32, applied=True, reason=''),)
+        >>> small.config.intermediate_size, small.layers[0].mlp.up_proj.out_features
+        (32, 32)
+    """
+    config = getattr(model, "config", None)
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel) or config is None:
+        return ()
+    held: dict[int, set[int]] = {}  # a size modules held -> what they hold now
+    for a in plan.attributes:
+        if type(a.old) is int and type(a.new) is int and a.old != a.new:
+            held.setdefault(a.old, set()).add(a.new)
+    candidates = [
+        (k, v) for k, v in config.to_dict().items() if type(v) is int and _SIZE_NAME.search(k) and v in held
+    ]
+    if not candidates:
+        return ()
+    target = _shapes(compacted)
+    try:
+        before = _built(model, config)
+    except Exception as exc:  # a model whose class cannot be built from its config
+        why = f"{type(model).__name__}(config) cannot be built to check it ({type(exc).__name__}: {exc})"
+        return tuple(ConfigChange(k, v, v, applied=False, reason=why) for k, v in candidates)
+    return tuple(_change(model, config, k, v, sorted(held[v]), before, target) for k, v in candidates)
+
+
+def _change(
+    model: nn.Module, config: Any, name: str, old: int, news: list[int], before: _Shapes, target: _Shapes
+) -> ConfigChange:
+    reasons = []
+    for new in news:
+        changed = copy.deepcopy(config)
+        setattr(changed, name, new)
+        try:
+            after = _built(model, changed)
+        except Exception as exc:
+            reasons.append(f"{type(model).__name__} cannot be built with {name}={new} ({type(exc).__name__})")
+            continue
+        resized = [key for key in after if key in before and after[key] != before[key] and key in target]
+        wrong = next((key for key in resized if after[key] != target[key]), None)
+        if resized and wrong is None:
+            return ConfigChange(name, old, new)
+        if wrong is not None:
+            reasons.append(
+                f"with {name}={new} the model would hold {wrong!r} of shape {after[wrong]}, the compacted "
+                f"one holds {target[wrong]}"
+            )
+        else:
+            reasons.append(
+                f"{name}={new} resizes no tensor of a model built from the config (its code derives other "
+                f"sizes from {name}), so no value of it describes the compacted model"
+            )
+    if len(news) > 1:  # the layers differ
+        reasons.insert(0, f"modules that held {old} now hold {', '.join(map(str, news))}")
+    return ConfigChange(name, old, old, applied=False, reason="; ".join(reasons))
+
+
+def _built(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of ``model``'s class built from ``config``, on the meta device (no memory)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = base_class(model)(copy.deepcopy(config))
+    return _shapes(built)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
+    }
+
+
+def apply_config(model: nn.Module, changes: tuple[ConfigChange, ...]) -> None:
+    """Set the applied ``changes`` on ``model.config``."""
+    for c in changes:
+        if c.applied:
+            setattr(model.config, c.name, c.new)
