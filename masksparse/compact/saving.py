@@ -112,7 +112,26 @@ def load_compacted(model: nn.Module, path: PathLike) -> nn.Module:
     :mod:`masksparse.compact.apply`, does it), a Hugging Face ``model.config`` gets the saved sizes,
     and then every tensor of the file is loaded strictly. The result carries the saved plans
     (:func:`~masksparse.compact.plan.compaction_plans`), so it can be pruned, compacted and saved
-    again. Nothing is unpickled. See :func:`save_compacted` for an example.
+    again. Nothing is unpickled.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from torch import nn
+        >>> from masksparse import StateDictError, compact, load_compacted, prune_channels, save_compacted
+        >>> model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4)
+        >>> _ = prune_channels(model, x, 0.5)
+        >>> path = os.path.join(tempfile.mkdtemp(), "small.safetensors")
+        >>> save_compacted(compact(model, x), path)
+        >>> load_compacted(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), path)[2]
+        Linear(in_features=4, out_features=2, bias=True)
+        >>> wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> try:
+        ...     load_compacted(wider, path)
+        ... except StateDictError as err:
+        ...     print(str(err).splitlines()[0].split("the first module that does not fit is ")[1])
+        '0': the file expects weight of size 8 along dim 0, the model's weight has shape (16, 4)
+        >>> wider[0].out_features  # unchanged
+        16
 
     Everything is checked before anything changes: a file that does not fit the model (a resnet18 file
     loaded into a resnet34, a BERT of four layers into one of two) raises a
