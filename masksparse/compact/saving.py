@@ -1,17 +1,18 @@
 """Save a compacted model to one safetensors file, and rebuild it from a freshly built model. No pickle.
 
 A compacted model has other shapes than the code that builds it, so its state_dict alone does not load
-into a fresh one. :func:`save_compacted` writes the weights together with the plans compaction applied
-(:func:`~masksparse.compact.plan.compaction_plans`), as JSON in the file's string metadata: per module
-and tensor the indices kept along each dimension, the biases a fold created, every attribute update
-(``in_features``, ``num_heads``, ...), every class swap (``nn.MultiheadAttention`` to
-:class:`~masksparse.compact.modules.CompactMultiheadAttention`, ...) and the Hugging Face config changes.
-:func:`load_compacted` checks all of it against a freshly built model, replays it with the code that
-compacted the original (:mod:`masksparse.compact.apply`), and loads the weights strictly.
+into a fresh one. :func:`~masksparse.compact.saving.save_compacted` writes the weights together with the
+plans compaction applied (:func:`~masksparse.compact.plan.compaction_plans`), as JSON in the file's
+string metadata: per module and tensor the indices kept along each dimension, the biases a fold
+created, every attribute update (``in_features``, ``num_heads``, ...), every class swap
+(``nn.MultiheadAttention`` to :class:`~masksparse.compact.modules.CompactMultiheadAttention`, ...) and the
+Hugging Face config changes. :func:`~masksparse.compact.saving.load_compacted` checks all of it against a
+freshly built model, replays it with the code that compacted the original
+(:mod:`masksparse.compact.apply`), and loads the weights strictly.
 
 A class swap names the class; only classes compaction swaps to (``CompactMultiheadAttention`` and those
 of :func:`masksparse.graph.heads.register_head_swap`) are accepted, so a file cannot make
-:func:`load_compacted` import or build anything else.
+:func:`~masksparse.compact.saving.load_compacted` import or build anything else.
 """
 
 from __future__ import annotations
