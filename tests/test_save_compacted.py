@@ -267,6 +267,7 @@ def test_uniform_config_round_trips_through_from_pretrained(name: str, tmp_path:
     assert model.config.intermediate_size == 128  # the masked model's config is its own
     plan = compaction_plans(small)[0]
     assert "config: intermediate_size = 64 (was 128)" in str(plan)
+    assert plan.config_mismatch == ""  # the updated config describes every tensor
     small.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -283,6 +284,10 @@ def test_heads_the_config_cannot_express_are_stated_and_load_compacted_still_wor
     assert small.config.num_attention_heads == 4
     text = str(compaction_plans(small)[0])
     assert "config: num_attention_heads stays 4" in text and "derives" in text
+    assert "from_pretrained would not rebuild" in text
+    assert (
+        "'encoder.layer.0.attention.self.query.weight' of shape (64, 64), the compacted one (32, 64)" in text
+    )
     path = tmp_path / "bert.safetensors"
     save_compacted(small, path)
     rebuilt = load_compacted(hf_models.build("bert", 1), path)
@@ -300,6 +305,7 @@ def test_sizes_differing_over_layers_stay_and_are_stated(tmp_path: Path) -> None
     assert small.config.intermediate_size == 128
     text = str(compaction_plans(small)[0])
     assert "config: intermediate_size stays 128: modules that held 128 now hold 64, 96" in text
+    assert "from_pretrained would not rebuild" in text
     path = tmp_path / "llama.safetensors"
     save_compacted(small, path)
     rebuilt = load_compacted(hf_models.build("llama", 1), path)

@@ -19,7 +19,7 @@ from masksparse import prune
 from masksparse._errors import CompactionError, KeptUnitsWarning, PruningValueError
 from masksparse.compact._inexact import inexact_hint, state_deviation
 from masksparse.compact.fallback import describe, units_to_keep
-from masksparse.compact.huggingface import apply_config, config_changes
+from masksparse.compact.huggingface import apply_config, config_changes, config_mismatch
 from masksparse.compact.plan import BiasFold, KeptUnits, Plan, TensorCut, record_plan
 from masksparse.compact.planning import Kept, _plan
 from masksparse.compact.verification import deviation, verify
@@ -239,7 +239,9 @@ def compact(
         warnings.warn(KeptUnitsWarning(_kept_message(plan), plan), stacklevel=2)
     if not plan.exact:
         state_deviation(plan, deviation(candidate, example_inputs, graph.trace.output_tensors))
-    plan = dataclasses.replace(plan, config=config_changes(model, candidate, plan))
+    changes = config_changes(model, candidate, plan) if plan.cuts else ()
+    mismatch = config_mismatch(model, candidate, changes) if plan.cuts else ""
+    plan = dataclasses.replace(plan, config=changes, config_mismatch=mismatch)
     result = candidate
     if inplace:
         _apply(model, plan, optimizer)

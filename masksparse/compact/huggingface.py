@@ -28,7 +28,7 @@ from torch import nn
 from masksparse.compact.plan import ConfigChange, Plan
 from masksparse.prune._reparam import base_class
 
-__all__ = ["config_changes"]
+__all__ = ["config_changes", "config_mismatch"]
 
 # Config entries that may hold a number of heads or a feed-forward width; others (hidden_size,
 # num_hidden_layers, vocab_size, head_dim, ...) are never changed: compaction keeps the residual width,
@@ -61,10 +61,9 @@ def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[
         >>> small.config.intermediate_size, small.layers[0].mlp.up_proj.out_features
         (32, 32)
     """
-    config = getattr(model, "config", None)
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel) or config is None:
+    if not _has_config(model):
         return ()
+    config: Any = model.config
     held: dict[int, set[int]] = {}  # a size modules held -> what they hold now
     for a in plan.attributes:
         if type(a.old) is int and type(a.new) is int and a.old != a.new:
@@ -81,6 +80,52 @@ def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[
         why = f"{type(model).__name__}(config) cannot be built to check it ({type(exc).__name__}: {exc})"
         return tuple(ConfigChange(k, v, v, applied=False, reason=why) for k, v in candidates)
     return tuple(_change(model, config, k, v, sorted(held[v]), before, target) for k, v in candidates)
+
+
+def config_mismatch(model: nn.Module, compacted: nn.Module, changes: tuple[ConfigChange, ...]) -> str:
+    """Why ``from_pretrained`` would not rebuild ``compacted`` from ``model.config`` with the applied
+    ``changes`` (the first tensor whose shape it would get wrong), or ``""`` when it would, or when
+    ``model`` is no Hugging Face model.
+
+    Example:
+        >>> import torch, transformers
+        >>> from masksparse.compact.huggingface import config_mismatch
+        >>> config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=32)
+        >>> model = transformers.BertModel(config)
+        >>> narrower = transformers.BertModel(transformers.BertConfig(vocab_size=32, hidden_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=24))
+        >>> config_mismatch(model, model, ())
+        ''
+        >>> print(config_mismatch(model, narrower, ()))  # doctest: +NORMALIZE_WHITESPACE
+        a model built from the config holds 'encoder.layer.0.intermediate.dense.weight' of shape (32, 16),
+        the compacted one (24, 16)
+    """
+    if not _has_config(model):
+        return ""
+    config: Any = copy.deepcopy(model.config)
+    for c in changes:
+        if c.applied:
+            setattr(config, c.name, c.new)
+    try:
+        built = _built(model, config)
+    except Exception as exc:
+        return f"{type(model).__name__}(config) cannot be built ({type(exc).__name__}: {exc})"
+    target = _shapes(compacted)
+    for key, shape in target.items():
+        if key in built and built[key] != shape:
+            held = f"holds {key!r} of shape {built[key]}, the compacted one {shape}"
+            return f"a model built from the config {held}"
+    return ""
+
+
+def _has_config(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return (
+        transformers is not None
+        and isinstance(model, transformers.PreTrainedModel)
+        and hasattr(model, "config")
+    )
 
 
 def _change(

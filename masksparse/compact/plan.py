@@ -108,7 +108,9 @@ class Plan:
     outputs on the example inputs, measured by :func:`masksparse.compact` (``None`` until then, and in
     an exact plan). ``config`` lists the sizes of a Hugging Face ``model.config`` that compaction
     updated, or left as they were where the compacted sizes are not one value (set by
-    :func:`masksparse.compact`).
+    :func:`masksparse.compact`); ``config_mismatch`` says why ``from_pretrained`` would not rebuild the
+    compacted model from its updated config (the first tensor it would get wrong), ``""`` when it would
+    or the model has no such config (:func:`masksparse.load_compacted` rebuilds it either way).
     """
 
     cuts: tuple[TensorCut, ...]
@@ -122,6 +124,7 @@ class Plan:
     deviation: float | None = None
     kept: tuple[KeptUnits, ...] = ()
     config: tuple[ConfigChange, ...] = ()
+    config_mismatch: str = ""
 
     @property
     def exact(self) -> bool:
@@ -153,6 +156,11 @@ class Plan:
                 lines.append(f"config: {c.name} = {c.new!r} (was {c.old!r})")
             else:
                 lines.append(f"config: {c.name} stays {c.old!r}: {c.reason}")
+        if self.config_mismatch:
+            lines.append(
+                f"config: from_pretrained would not rebuild the compacted model ({self.config_mismatch}); "
+                f"masksparse.save_compacted / load_compacted do"
+            )
         lines += self._inexact_lines()
         return "\n".join(lines)
 

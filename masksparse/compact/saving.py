@@ -30,6 +30,7 @@ from torch import nn
 from masksparse import prune
 from masksparse._errors import MissingDependencyError, PruningTypeError, StateDictError
 from masksparse.compact.apply import _apply
+from masksparse.compact.huggingface import apply_config
 from masksparse.compact.modules import CompactMultiheadAttention
 from masksparse.compact.plan import (
     _PLANS,
@@ -166,9 +167,7 @@ def load_compacted(model: nn.Module, path: PathLike) -> nn.Module:
         raise StateDictError(_describe(path, model, problems))
     for plan in plans:
         _apply(model, plan, None)
-        if plan.config:
-            for c in plan.config:
-                setattr(model.config, c.name, c.new)
+        apply_config(model, plan.config)
     model.load_state_dict(_tensors(path, file), strict=True)
     vars(model)[_PLANS] = tuple(plans)
     return model
@@ -248,6 +247,7 @@ def _encode_plan(plan: Plan) -> dict[str, Any]:
             for a in plan.attributes
         ],
         "config": [[c.name, c.old, c.new] for c in plan.config if c.applied],
+        "config_mismatch": plan.config_mismatch,
         "params": [plan.params_before, plan.params_after],
     }
 
@@ -298,6 +298,7 @@ def _decode_plan(model: nn.Module, data: Mapping[str, Any], index: int) -> Plan:
         params_before=before,
         params_after=after,
         config=tuple(ConfigChange(n, o, v) for n, o, v in data["config"]),
+        config_mismatch=str(data.get("config_mismatch", "")),
     )
 
 
