@@ -34,6 +34,7 @@ from tests.models import randomise_bn
 
 torchvision = pytest.importorskip("torchvision")
 safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors.torch")  # safetensors.torch.save_file below
 
 
 def _run(model: nn.Module, inputs: Any) -> Any:
@@ -158,16 +159,35 @@ def test_tied_tensors_are_stored_once(tmp_path: Path) -> None:
     assert torch.equal(rebuilt(ids), small(ids))
 
 
-def test_compacted_twice_replays_both(tmp_path: Path) -> None:
-    """A model compacted, pruned and compacted again carries two plans; the file replays both."""
-    small = _compacted(_resnet(), IMAGES, 0.25)
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_compacted_twice_replays_both(name: str, tmp_path: Path) -> None:
+    """A model compacted, pruned and compacted again carries two plans; the file replays both (the
+    second swaps a CompactMultiheadAttention to fewer heads again)."""
+    build = CASES[name][0]
+    small = _compacted(build(0), IMAGES, 0.25)
     smaller = _compacted(small, IMAGES, 0.5)
     assert len(compaction_plans(smaller)) == 2
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in small.parameters())
     path = tmp_path / "twice.safetensors"
     save_compacted(smaller, path)
-    rebuilt = load_compacted(_resnet(1), path)
-    assert rebuilt.fc.in_features == smaller.fc.in_features < small.fc.in_features
-    assert torch.equal(rebuilt(IMAGES), smaller(IMAGES))
+    rebuilt = load_compacted(build(1), path)
+    assert torch.equal(_run(rebuilt, IMAGES), _run(smaller, IMAGES))
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in smaller.modules()]
+
+
+def test_damaged_record_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_compacted(_compacted(_vit(), IMAGES), path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    record = json.loads(metadata["masksparse.compacted"])
+    del record["plans"][0]["cuts"]
+    safetensors.torch.save_file(tensors, str(path), {**metadata, "masksparse.compacted": json.dumps(record)})
+    fresh = _vit(1)
+    with pytest.raises(StateDictError, match="compaction record is damaged"):
+        load_compacted(fresh, path)
+    assert fresh.encoder.layers[0].mlp[0].out_features == 64
 
 
 def test_uncompacted_model_round_trips(tmp_path: Path) -> None:

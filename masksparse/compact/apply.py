@@ -65,9 +65,11 @@ def _fold(
         assert weight is not None and plan is not None
         delta = _fold_delta(weight, fold)
         for c in _by_tensor(plan).get((fold.module, "bias"), []):
-            delta = delta.index_select(0, torch.tensor(c.keep, dtype=torch.long))
+            delta = delta.index_select(0, torch.tensor(c.keep, dtype=torch.long, device=delta.device))
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(len(delta), dtype=module.weight.dtype))
+        module.bias = nn.Parameter(
+            torch.zeros(len(delta), dtype=module.weight.dtype, device=module.weight.device)
+        )
         if optimizer is not None:
             group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
             group["params"].append(module.bias)
@@ -80,7 +82,7 @@ def _fold_delta(weight: torch.Tensor, fold: BiasFold) -> torch.Tensor:
     block = weight.detach().double()[:, torch.tensor(fold.columns, dtype=torch.long)]
     if block.ndim > 2:
         block = block.flatten(2).sum(-1)  # a 1x1 kernel
-    return block @ torch.tensor(fold.constants, dtype=torch.float64)
+    return block @ torch.tensor(fold.constants, dtype=torch.float64, device=block.device)
 
 
 def _slice(

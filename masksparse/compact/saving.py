@@ -161,7 +161,12 @@ def load_compacted(model: nn.Module, path: PathLike) -> nn.Module:
     file = _read_header(path)
     if prune.is_pruned(model):
         raise StateDictError(f"cannot load {path} into a pruned {type(model).__name__}: pass a fresh model")
-    plans = [_decode_plan(model, p, i) for i, p in enumerate(file.record["plans"])]
+    try:
+        plans = [_decode_plan(model, p) for p in file.record["plans"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateDictError(
+            f"{path}: its compaction record is damaged ({type(exc).__name__}: {exc})"
+        ) from None
     problems = _Replay(model).check(plans, file)
     if problems:
         raise StateDictError(_describe(path, model, problems))
@@ -277,7 +282,7 @@ def _swap_classes(module: nn.Module | None) -> dict[str, type]:
     return {_class_name(c): c for c in classes}
 
 
-def _decode_plan(model: nn.Module, data: Mapping[str, Any], index: int) -> Plan:
+def _decode_plan(model: nn.Module, data: Mapping[str, Any]) -> Plan:
     def module(path: str) -> nn.Module | None:
         try:
             return model.get_submodule(path)
@@ -385,8 +390,9 @@ class _Replay:
                 self.created.append(fold.module)
         for c in plan.cuts:
             yield from self._cut(c)
+        start = dict(self.attributes)  # a plan may set one attribute twice, each time from its old value
         for a in plan.attributes:
-            yield from self._attribute(a)
+            yield from self._attribute(a, start)
         config = getattr(self.model, "config", None)
         for change in plan.config:
             held = getattr(config, change.name, None)
@@ -425,14 +431,16 @@ class _Replay:
             return
         self.shapes[key] = shape[: c.dim] + (len(c.keep),) + shape[c.dim + 1 :]
 
-    def _attribute(self, a: AttributeUpdate) -> Iterator[tuple[str, str]]:
+    def _attribute(
+        self, a: AttributeUpdate, start: Mapping[tuple[str, str], Any]
+    ) -> Iterator[tuple[str, str]]:
         module = self.modules.get(a.module)
         if module is None:
             yield a.module, f"the file sets its {a.name}, but the model has no such module"
             return
-        held = self.attributes.get((a.module, a.name), getattr(module, a.name, _MISSING))
+        held = start.get((a.module, a.name), getattr(module, a.name, _MISSING))
         if a.name == "__class__":
-            cls = base_class(module) if (a.module, a.name) not in self.attributes else held
+            cls = base_class(module) if (a.module, a.name) not in start else held
             if not isinstance(a.old, _Class) or _class_name(cls) != a.old.name:
                 expected = a.old.name if isinstance(a.old, _Class) else a.old
                 yield (
