@@ -69,13 +69,21 @@ def _vit(seed: int = 0, layers: int = 2) -> nn.Module:
     ).eval()
 
 
-def _timm(name: str) -> Callable[[int], nn.Module]:
+def _swin(seed: int = 0) -> nn.Module:
+    """A small torchvision Swin (heads of 8, 4x4 windows): its attention is swapped to a compact class."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10).eval()
+
+
+def _timm(name: str, **options: Any) -> Callable[[int], nn.Module]:
     def build(seed: int = 0) -> nn.Module:
         timm = pytest.importorskip("timm")
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return timm.create_model(name, pretrained=False, num_classes=10, img_size=32).eval()
+            return timm.create_model(name, pretrained=False, num_classes=10, **options).eval()
 
     return build
 
@@ -92,7 +100,9 @@ IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 CASES: dict[str, tuple[Callable[..., nn.Module], Callable[[], Any]]] = {
     "resnet18": (_resnet, lambda: IMAGES),
     "vit": (_vit, lambda: IMAGES),
-    "timm_vit": (_timm("test_vit"), lambda: IMAGES),
+    "swin": (_swin, lambda: IMAGES),
+    "timm_vit": (_timm("test_vit", img_size=32), lambda: IMAGES),
+    "timm_resnet": (_timm("test_resnet"), lambda: IMAGES),
     "bert": (_hf("bert"), lambda: hf_models.inputs("bert")),
     "llama": (_hf("llama"), lambda: hf_models.inputs("llama")),
 }
@@ -118,6 +128,7 @@ def test_rebuilt_model_computes_what_the_compacted_one_does(
     assert set(rebuilt.state_dict()) == set(expected)  # the order may differ: masks removal re-registers
     assert all(torch.equal(t, expected[k]) for k, t in rebuilt.state_dict().items())
     assert len(compaction_plans(rebuilt)) == 1
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in small.modules()]  # classes swapped too
 
 
 def test_file_is_safetensors_with_json_metadata(tmp_path: Path) -> None:
