@@ -214,4 +214,10 @@ def compaction_plans(model: nn.Module) -> tuple[Plan, ...]:
 def record_plan(model: nn.Module, plan: Plan) -> None:
     """Add ``plan`` to the plans ``model`` carries (see :func:`compaction_plans`), without the
     diagnostics only a failed verification reads."""
-    vars(model)[_PLANS] = (*compaction_plans(model), replace(plan, activations=()))
+    # A class updated from a masked module's class is named by the class it stands for: that one is
+    # importable (the model still pickles), and it is the class a fresh model has.
+    attributes = tuple(
+        replace(a, old=getattr(a.old, "_masksparse_base", a.old)) if isinstance(a.old, type) else a
+        for a in plan.attributes
+    )
+    vars(model)[_PLANS] = (*compaction_plans(model), replace(plan, activations=(), attributes=attributes))
