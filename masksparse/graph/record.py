@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
 from masksparse._inputs import ModelInputs, model_inputs, output_tensors
+from masksparse.prune._reparam import reads_cached
 
 __all__ = ["Node", "Trace", "Value", "record"]
 
@@ -321,7 +322,8 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
     # a tensor passed twice (as two keyword arguments, say) is one input
     inputs = [recorder.new_value(t, False) for t in {id(t): t for t in call.tensors()}.values()]
     module_outputs: dict[str, Value] = {}
-    with torch.no_grad(), _module_hooks(model, recorder, module_outputs):
+    # reads_cached: each masked weight is one product per run, however often the model reads it
+    with torch.no_grad(), reads_cached(), _module_hooks(model, recorder, module_outputs):
         with _eval_mode(model), recorder:
             out = _run(model, call, recorder, "")
         out_tensors = output_tensors(out)

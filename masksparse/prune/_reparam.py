@@ -9,6 +9,9 @@ per pruned name. Nothing is stored besides ``<name>_orig`` (the original Paramet
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -45,11 +48,54 @@ def _assignment_error(module: nn.Module, name: str) -> PruningAttributeError:
     )
 
 
+class _Reads(threading.local):
+    # (id(module), name) -> (orig, mask, orig version, mask version, value) while a run caches reads
+    cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]] | None = None
+
+
+_READS = _Reads()
+
+
+@contextlib.contextmanager
+def reads_cached() -> Iterator[None]:
+    """Within, each masked tensor is computed once, as torch.nn.utils.prune's pre-hook does per call.
+
+    A module that reads ``weight`` several times in one forward (``nn.MultiheadAttention`` reads
+    ``in_proj_weight`` in its fast-path checks and again to compute) gets the same tensor each time, as
+    long as neither ``weight_orig`` nor ``weight_mask`` changes (their versions are checked). For runs
+    without gradients, such as recording a model's operations, where every product would otherwise be a
+    new weight-sized tensor. Nesting keeps the outer cache.
+    """
+    if _READS.cache is not None:
+        yield
+        return
+    _READS.cache = {}
+    try:
+        yield
+    finally:
+        _READS.cache = None
+
+
 def _masked_property(name: str) -> property:
     orig_key, mask_key = name + "_orig", name + "_mask"
 
     def fget(self: nn.Module) -> torch.Tensor:
-        return masked_value(getattr(self, orig_key), getattr(self, mask_key))
+        orig, mask = getattr(self, orig_key), getattr(self, mask_key)
+        cache = _READS.cache
+        if cache is None:
+            return masked_value(orig, mask)
+        key = (id(self), name)
+        hit = cache.get(key)
+        if (
+            hit is not None
+            and hit[0] is orig
+            and hit[1] is mask
+            and hit[2:4] == (orig._version, mask._version)
+        ):
+            return hit[4]
+        value = masked_value(orig, mask)
+        cache[key] = (orig, mask, orig._version, mask._version, value)
+        return value
 
     return property(fget, doc=f"``{orig_key} * {mask_key}``, computed on every read.")
 
