@@ -6,7 +6,7 @@ the module is touched, so a failed call leaves it exactly as it was.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -99,6 +99,32 @@ def apply_method(
         _reparam.adopt(module, name)
     module.register_forward_pre_hook(hook)
     return hook
+
+
+def narrow(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """Prune ``module.<name>`` where the bool ``mask`` is False, keeping what is pruned already.
+
+    The result is ``custom_from_mask``'s, but a tensor masksparse has pruned already has its
+    ``<name>_mask`` buffer narrowed in place (``mask &= new``): no hook, container or mask copy is
+    added, so repeated rounds keep one bool mask per tensor. A first round installs a
+    :class:`CustomFromMask` that holds the stored buffer itself rather than a second full mask.
+    """
+    if mask.dtype != torch.bool:
+        raise PruningTypeError(
+            f"narrowing {type(module).__name__}.{name} needs a bool mask, got {mask.dtype}"
+        )
+    stored = module._buffers.get(name + "_mask")
+    if hook_for(module, name) is None or name not in _reparam.masked_names(module) or stored is None:
+        hook = apply_method(_m.CustomFromMask(mask), module, name)
+        newest = hook[-1] if isinstance(hook, (_m.PruningContainer, torch_prune.PruningContainer)) else hook
+        cast(_m.CustomFromMask, newest).mask = getattr(module, name + "_mask")
+        return
+    _m.check_same_shape(f"the mask for {type(module).__name__}.{name}", mask, name, stored)
+    with torch.no_grad():
+        if stored.dtype == torch.bool:
+            stored &= mask.to(device=stored.device)
+        else:  # a float mask (perhaps soft, from torch) keeps its values where it is not narrowed
+            stored.mul_(mask.to(device=stored.device, dtype=stored.dtype))
 
 
 def prunable_parameter(module: nn.Module, name: str) -> nn.Parameter:
