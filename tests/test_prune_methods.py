@@ -244,3 +244,40 @@ def test_unpickled_module_keeps_pruning() -> None:
     assert type(loaded[0]).__name__ == "Linear" and isinstance(loaded[0], nn.Linear)
     with pytest.raises(PruningAttributeError, match="Linear.weight"):
         loaded[0].weight = nn.Parameter(torch.zeros(16, 12))
+
+
+BOOL_AMOUNT_CALLS = {
+    "l1_unstructured": lambda ns, m, a: ns.l1_unstructured(m[0], "weight", amount=a),
+    "random_unstructured": lambda ns, m, a: ns.random_unstructured(m[0], "bias", amount=a),
+    "ln_structured": lambda ns, m, a: ns.ln_structured(m[0], "weight", amount=a, n=2, dim=0),
+    "random_structured": lambda ns, m, a: ns.random_structured(m[0], "weight", amount=a, dim=1),
+    "class apply": lambda ns, m, a: ns.L1Unstructured.apply(m[2], "weight", amount=a),
+    "global_unstructured": lambda ns, m, a: ns.global_unstructured(
+        [(m[0], "weight"), (m[2], "weight")], ns.L1Unstructured, amount=a
+    ),
+}
+
+
+@pytest.mark.parametrize("amount", [True, False])
+@pytest.mark.parametrize("call", list(BOOL_AMOUNT_CALLS))
+def test_bool_amount_is_refused_where_torch_counts_it(call: str, amount: bool) -> None:
+    """A deliberate deviation: torch's check takes a bool for an int; masksparse refuses it.
+
+    In torch, False prunes nothing; True prunes one channel in ``ln_structured`` and fails inside
+    ``torch.topk``/``kthvalue`` (a bare TypeError) everywhere else.
+    """
+    theirs = mlp()
+    if amount and call != "ln_structured":
+        with pytest.raises(TypeError, match="must be int, not bool"):
+            BOOL_AMOUNT_CALLS[call](torch_prune, theirs, amount)
+    else:
+        BOOL_AMOUNT_CALLS[call](torch_prune, theirs, amount)
+        pruned = sum(int((m == 0).sum()) for k, m in theirs.state_dict().items() if k.endswith("_mask"))
+        assert pruned == (12 if amount else 0)  # one output channel of Linear(12, 16)
+    ours = mlp()
+    before = _snapshot(ours)
+    with pytest.raises(PruningTypeError, match=f"amount={amount} is a bool"):
+        BOOL_AMOUNT_CALLS[call](prune, ours, amount)
+    _assert_unchanged(ours, before)
+    with pytest.raises(PruningTypeError, match="is a bool"):
+        prune.LnStructured(amount=amount, n=1)

@@ -50,7 +50,13 @@ def is_binary(mask: torch.Tensor) -> bool:
 
 
 def validate_amount(amount: Any) -> None:
-    """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction)."""
+    """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction).
+
+    A bool is refused, although torch takes ``True`` for 1: ``amount=True`` is far likelier a slip
+    than a wish to prune one entry.
+    """
+    if isinstance(amount, bool):
+        raise PruningTypeError(f"amount={amount!r} is a bool; give an int (a count) or a float (a fraction)")
     if not isinstance(amount, numbers.Real):
         raise PruningTypeError(f"Invalid type for amount: {amount!r}. Must be int or float.")
     if (isinstance(amount, numbers.Integral) and amount < 0) or (
