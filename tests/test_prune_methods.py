@@ -281,3 +281,75 @@ def test_bool_amount_is_refused_where_torch_counts_it(call: str, amount: bool) -
     _assert_unchanged(ours, before)
     with pytest.raises(PruningTypeError, match="is a bool"):
         prune.LnStructured(amount=amount, n=1)
+
+
+AMOUNT_MESSAGES = [
+    (
+        lambda m: prune.l1_unstructured(m[0], "weight", amount=1.5),
+        PruningValueError,
+        "prune.l1_unstructured(Linear, 'weight'): amount=1.5 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.random_unstructured(m[2], "bias", amount=-1),
+        PruningValueError,
+        "prune.random_unstructured(Linear, 'bias'): amount=-1 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.l1_unstructured(m[0], "weight", amount=193),
+        PruningValueError,
+        "prune.l1_unstructured(Linear, 'weight'): amount=193 is larger than the number of entries left to "
+        "prune, numel=192",
+    ),
+    (
+        lambda m: prune.ln_structured(m[2], "weight", amount=9, n=1, dim=0),
+        PruningValueError,
+        "prune.ln_structured(Linear, 'weight'): amount=9 is larger than the number of channels left along "
+        "dim 0, size=8",
+    ),
+    (
+        lambda m: prune.random_structured(m[0], "weight", amount="half", dim=0),
+        PruningTypeError,
+        "prune.random_structured(Linear, 'weight'): amount='half' should be a float in [0, 1] or a "
+        "non-negative int, not str",
+    ),
+    (
+        lambda m: prune.L1Unstructured.apply(m[4], "weight", amount=2.0),
+        PruningValueError,
+        "prune.L1Unstructured.apply(Linear, 'weight'): amount=2.0 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.global_unstructured(
+            [(m[0], "bias"), (m[2], "bias")], prune.L1Unstructured, amount=25
+        ),
+        PruningValueError,
+        "prune.global_unstructured(L1Unstructured): amount=25 is larger than the number of entries left to "
+        "prune, numel=24",
+    ),
+]
+
+
+@pytest.mark.parametrize("index", range(len(AMOUNT_MESSAGES)))
+def test_amount_errors_name_the_call_module_and_tensor(index: int) -> None:
+    call, error, message = AMOUNT_MESSAGES[index]
+    model = mlp()
+    before = _snapshot(model)
+    with pytest.raises(error) as raised:
+        call(model)
+    assert str(raised.value) == message
+    _assert_unchanged(model, before)
+
+
+def test_amount_left_after_earlier_pruning_counts_the_unpruned_entries() -> None:
+    """An int amount counts the entries still unpruned, as torch's container does; the error says so."""
+    layer = nn.Linear(4, 3)
+    prune.l1_unstructured(layer, "weight", amount=5)
+    with pytest.raises(PruningValueError) as raised:
+        prune.l1_unstructured(layer, "weight", amount=8)
+    assert str(raised.value).endswith("amount=8 is larger than the number of entries left to prune, numel=7")
+    with pytest.raises(ValueError, match="should be smaller than the number of parameters to prune=7"):
+        torch_prune.l1_unstructured(torch_prune.l1_unstructured(nn.Linear(4, 3), "weight", 5), "weight", 8)
+    prune.l1_unstructured(layer, "weight", amount=7)
+    assert not layer.weight_mask.any()

@@ -6,15 +6,56 @@ the module is touched, so a failed call leaves it exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from masksparse._errors import PruningAttributeError, PruningTypeError, PruningValueError
+from masksparse._errors import (
+    MaskSparseError,
+    PruningAttributeError,
+    PruningTypeError,
+    PruningValueError,
+)
 from masksparse.prune import _reparam
 from masksparse.prune import methods as _m
+
+
+@contextlib.contextmanager
+def error_context(prefix: str) -> Iterator[None]:
+    """Prefix a masksparse error raised within by where it came from, e.g. ``prune.f(Linear, 'weight')``.
+
+    Only the outermost context adds its prefix, so a function built on another names itself once.
+    """
+    try:
+        yield
+    except MaskSparseError as error:
+        if not getattr(error, "_masksparse_call", False):
+            error._masksparse_call = True  # type: ignore[attr-defined]
+            error.args = (f"{prefix}: {error}", *error.args[1:])
+        raise
+
+
+def call_context(call: str, module: Any, name: Any) -> contextlib.AbstractContextManager[None]:
+    """:func:`error_context` for a call on one tensor: ``prune.l1_unstructured(Linear, 'weight'): ...``."""
+    return error_context(f"{call}({type(module).__name__}, {name!r})")
+
+
+def prune_with(
+    call: str,
+    cls: type[_m.TorchMethod],
+    module: nn.Module,
+    name: str,
+    *args: Any,
+    importance_scores: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> _m.TorchMethod:
+    """Prune ``module.<name>`` with a new ``cls(*args, **kwargs)``; errors name ``call``."""
+    with call_context(call, module, name):
+        return apply_method(cls(*args, **kwargs), module, name, importance_scores)
 
 
 def hook_for(module: nn.Module, name: str) -> tuple[Any, _m.TorchMethod] | None:

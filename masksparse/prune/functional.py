@@ -39,7 +39,7 @@ def identity(module: nn.Module, name: str) -> nn.Module:
         >>> sorted(dict(layer.named_buffers()))
         ['bias_mask']
     """
-    _m.Identity.apply(module, name)
+    _apply.prune_with("prune.identity", _m.Identity, module, name)
     return module
 
 
@@ -53,7 +53,7 @@ def random_unstructured(module: nn.Module, name: str, amount: float) -> nn.Modul
         >>> int((~layer.weight_mask).sum())
         5
     """
-    _m.RandomUnstructured.apply(module, name, amount)
+    _apply.prune_with("prune.random_unstructured", _m.RandomUnstructured, module, name, amount)
     return module
 
 
@@ -71,7 +71,14 @@ def l1_unstructured(
         >>> float((layer.weight == 0).float().mean())
         0.5
     """
-    _m.L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    _apply.prune_with(
+        "prune.l1_unstructured",
+        _m.L1Unstructured,
+        module,
+        name,
+        amount=amount,
+        importance_scores=importance_scores,
+    )
     return module
 
 
@@ -85,7 +92,7 @@ def random_structured(module: nn.Module, name: str, amount: float, dim: int) -> 
         >>> int(layer.weight_mask.any(dim=1).sum())
         3
     """
-    _m.RandomStructured.apply(module, name, amount, dim)
+    _apply.prune_with("prune.random_structured", _m.RandomStructured, module, name, amount, dim)
     return module
 
 
@@ -106,7 +113,16 @@ def ln_structured(
         >>> int((~layer.weight_mask.any(dim=1)).sum())
         2
     """
-    _m.LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    _apply.prune_with(
+        "prune.ln_structured",
+        _m.LnStructured,
+        module,
+        name,
+        amount,
+        n,
+        dim,
+        importance_scores=importance_scores,
+    )
     return module
 
 
@@ -120,7 +136,7 @@ def custom_from_mask(module: nn.Module, name: str, mask: torch.Tensor) -> nn.Mod
         >>> layer.bias_mask
         tensor([False])
     """
-    _m.CustomFromMask.apply(module, name, mask=mask)
+    _apply.prune_with("prune.custom_from_mask", _m.CustomFromMask, module, name, mask=mask)
     return module
 
 
@@ -141,7 +157,9 @@ def nm_structured(
         >>> float(layer.weight_mask.float().mean())
         0.5
     """
-    _m.NMStructured.apply(module, name, n, m, dim, importance_scores=importance_scores)
+    _apply.prune_with(
+        "prune.nm_structured", _m.NMStructured, module, name, n, m, dim, importance_scores=importance_scores
+    )
     return module
 
 
@@ -159,15 +177,16 @@ def remove(module: nn.Module, name: str) -> nn.Module:
         >>> [name for name, _ in layer.named_parameters()], int((layer.weight == 0).sum())
         (['bias', 'weight'], 2)
     """
-    found = _apply.hook_for(module, name)
-    if found is None:
-        raise PruningValueError(
-            f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
-            "before pruning can be removed"
-        )
-    key, hook = found
-    hook.remove(module)
-    del module._forward_pre_hooks[key]
+    with _apply.call_context("prune.remove", module, name):
+        found = _apply.hook_for(module, name)
+        if found is None:
+            raise PruningValueError(
+                f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
+                "before pruning can be removed"
+            )
+        key, hook = found
+        hook.remove(module)
+        del module._forward_pre_hooks[key]
     return module
 
 
@@ -287,7 +306,10 @@ def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Ten
     if not scores:
         return _new_masks_concatenated(method, targets)
     # Only L1Unstructured and RandomUnstructured (ours or torch's) get here; both have an amount.
-    count = _m.count_to_prune(cast(Any, method).amount, sum(t.remaining for t in targets))
+    remaining = sum(t.remaining for t in targets)
+    count = _m.count_to_prune(
+        cast(Any, method).amount, remaining, "the number of entries left to prune, numel"
+    )
     if count == 0:  # torch draws no random numbers then either
         return [t.mask_after(torch.zeros(t.tensor.shape, dtype=torch.bool)) for t in targets]
     dtype = common_dtype([source.dtype for source in scores])
@@ -337,15 +359,17 @@ def global_unstructured(
         60
     """
     targets = _resolve(parameters, importance_scores)
-    method = pruning_method(**kwargs)
-    kind = getattr(method, "PRUNING_TYPE", None)
-    if kind != "unstructured":
-        raise PruningTypeError(
-            'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
-            f"Found method {pruning_method} of type {kind}"
-        )
-    with torch.no_grad():
-        masks = _new_masks(method, targets)
+    label = getattr(pruning_method, "__name__", type(pruning_method).__name__)
+    with _apply.error_context(f"prune.global_unstructured({label})"):
+        method = pruning_method(**kwargs)
+        kind = getattr(method, "PRUNING_TYPE", None)
+        if kind != "unstructured":
+            raise PruningTypeError(
+                'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
+                f"Found method {pruning_method} of type {kind}"
+            )
+        with torch.no_grad():
+            masks = _new_masks(method, targets)
     masks.reverse()
     for target in targets:
         applied = _m.CustomFromMask(masks.pop())  # dropped once installed: one copy of each mask at a time

@@ -53,27 +53,29 @@ def validate_amount(amount: Any) -> None:
     """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction).
 
     A bool is refused, although torch takes ``True`` for 1: ``amount=True`` is far likelier a slip
-    than a wish to prune one entry.
+    than a wish to prune one entry. The pruning functions add the call, module and tensor to the message.
     """
     if isinstance(amount, bool):
         raise PruningTypeError(f"amount={amount!r} is a bool; give an int (a count) or a float (a fraction)")
     if not isinstance(amount, numbers.Real):
-        raise PruningTypeError(f"Invalid type for amount: {amount!r}. Must be int or float.")
+        raise PruningTypeError(
+            f"amount={amount!r} should be a float in [0, 1] or a non-negative int, "
+            f"not {type(amount).__name__}"
+        )
     if (isinstance(amount, numbers.Integral) and amount < 0) or (
         not isinstance(amount, numbers.Integral) and not 0.0 <= float(amount) <= 1.0
     ):
-        raise PruningValueError(
-            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
-        )
+        raise PruningValueError(f"amount={amount} should be a float in [0, 1] or a non-negative int")
 
 
-def count_to_prune(amount: float, size: int) -> int:
-    """How many of ``size`` entries ``amount`` prunes (a float rounds like Python's ``round``)."""
+def count_to_prune(amount: float, size: int, what: str = "the number of entries left to prune, numel") -> int:
+    """How many of ``size`` entries ``amount`` prunes (a float rounds like Python's ``round``).
+
+    ``what`` names ``size`` in the error raised when an int amount exceeds it.
+    """
     count = int(amount) if isinstance(amount, numbers.Integral) else round(float(amount) * size)
     if count > size:
-        raise PruningValueError(
-            f"amount={amount} should be smaller than the number of parameters to prune={size}"
-        )
+        raise PruningValueError(f"amount={amount} is larger than {what}={size}")
     return count
 
 
@@ -152,9 +154,17 @@ class BasePruningMethod(TorchMethod):
 
         On any error the module is left exactly as it was.
         """
-        from masksparse.prune._apply import apply_method  # it builds on the classes of this module
+        from masksparse.prune._apply import prune_with  # it builds on the classes of this module
 
-        return apply_method(cls(*args, **kwargs), module, name, importance_scores)
+        return prune_with(
+            f"prune.{cls.__name__}.apply",
+            cls,
+            module,
+            name,
+            *args,
+            importance_scores=importance_scores,
+            **kwargs,
+        )
 
     def prune(
         self,
@@ -367,7 +377,9 @@ class _Structured(BasePruningMethod):
         """Zero ``amount`` channels along ``dim`` of ``default_mask``, as chosen by the method."""
         _require_structured(t)
         dim = _normalise_dim(t, self.dim)
-        count = count_to_prune(self.amount, t.shape[dim])
+        count = count_to_prune(
+            self.amount, t.shape[dim], f"the number of channels left along dim {dim}, size"
+        )
         if count == 0:
             return default_mask
         mask = _channel_mask(t, dim, self._channels_to_keep(t, dim, count))
