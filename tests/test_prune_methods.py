@@ -353,3 +353,67 @@ def test_amount_left_after_earlier_pruning_counts_the_unpruned_entries() -> None
         torch_prune.l1_unstructured(torch_prune.l1_unstructured(nn.Linear(4, 3), "weight", 5), "weight", 8)
     prune.l1_unstructured(layer, "weight", amount=7)
     assert not layer.weight_mask.any()
+
+
+class Blocks(nn.Module):
+    """Named and numbered submodules, to check the suggested path is Python that reaches the owner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.ReLU())])
+        self.heads = nn.ModuleDict({"out-1": nn.Linear(6, 2)})
+
+
+OWNER_CASES = [
+    ("l1_unstructured", {"amount": 0.5}, "fc1.weight", "model.fc1", "weight"),
+    ("random_unstructured", {"amount": 1}, "fc1.bias", "model.fc1", "bias"),
+    ("ln_structured", {"amount": 1, "n": 2, "dim": 0}, "blocks.0.0.weight", "model.blocks[0][0]", "weight"),
+    ("random_structured", {"amount": 1, "dim": 1}, "blocks.0.0.weight", "model.blocks[0][0]", "weight"),
+    ("identity", {}, "heads.out-1.weight", "model.get_submodule('heads.out-1')", "weight"),
+    ("custom_from_mask", {"mask": torch.zeros(6)}, "fc1.bias", "model.fc1", "bias"),
+    ("nm_structured", {"n": 2, "m": 4}, "fc1.weight", "model.fc1", "weight"),
+]
+
+
+@pytest.mark.parametrize(("fn", "kwargs", "name", "path", "leaf"), OWNER_CASES)
+def test_a_dotted_name_suggests_the_module_that_owns_it(
+    fn: str, kwargs: dict, name: str, path: str, leaf: str
+) -> None:
+    model = Blocks()
+    before = _snapshot(model)
+    with pytest.raises(PruningAttributeError) as raised:
+        getattr(prune, fn)(model, name, **kwargs)
+    message = str(raised.value)
+    assert message.startswith(f"prune.{fn}(Blocks, {name!r}): Blocks has no parameter named {name!r}")
+    assert message.endswith(
+        f"the first argument is the module that owns the tensor: did you mean prune.{fn}({path}, {leaf!r})?"
+    )
+    _assert_unchanged(model, before)
+    # The suggested call is real Python and works.
+    getattr(prune, fn)(eval(path, {"model": model}), leaf, **kwargs)
+    assert hasattr(model.get_submodule(name.rsplit(".", 1)[0]), leaf + "_mask")
+
+
+def test_dotted_names_in_remove_class_apply_and_global() -> None:
+    model = Blocks()
+    prune.l1_unstructured(model.fc1, "weight", amount=2)
+    with pytest.raises(PruningValueError) as raised:
+        prune.remove(model, "fc1.weight")
+    assert str(raised.value).endswith("did you mean prune.remove(model.fc1, 'weight')?")
+    with pytest.raises(PruningAttributeError) as raised:
+        prune.L1Unstructured.apply(model, "blocks.0.0.bias", amount=1)
+    assert str(raised.value).endswith("did you mean prune.L1Unstructured.apply(model.blocks[0][0], 'bias')?")
+    with pytest.raises(PruningAttributeError) as raised:
+        prune.global_unstructured([(model, "heads.out-1.weight")], prune.L1Unstructured, amount=1)
+    assert str(raised.value).endswith("did you mean (model.get_submodule('heads.out-1'), 'weight')?")
+
+
+def test_no_suggestion_without_an_owner() -> None:
+    """A dotted name that no submodule owns, or an undotted one, gets the plain message."""
+    model = Blocks()
+    for name in ("fc2.weight", "fc1.kernel", "weight", "blocks.0.1.weight"):
+        with pytest.raises(PruningAttributeError) as raised:
+            prune.l1_unstructured(model, name, amount=1)
+        assert "did you mean" not in str(raised.value)
+        assert str(raised.value).startswith(f"prune.l1_unstructured(Blocks, {name!r}): ")

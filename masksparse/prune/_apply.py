@@ -7,6 +7,7 @@ the module is touched, so a failed call leaves it exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import keyword
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -39,9 +40,59 @@ def error_context(prefix: str) -> Iterator[None]:
         raise
 
 
-def call_context(call: str, module: Any, name: Any) -> contextlib.AbstractContextManager[None]:
-    """:func:`error_context` for a call on one tensor: ``prune.l1_unstructured(Linear, 'weight'): ...``."""
-    return error_context(f"{call}({type(module).__name__}, {name!r})")
+@contextlib.contextmanager
+def call_context(call: str, module: Any, name: Any) -> Iterator[None]:
+    """:func:`error_context` for a call on one tensor: ``prune.l1_unstructured(Linear, 'weight'): ...``.
+
+    A dotted ``name`` that a submodule owns (``"fc1.weight"``) adds which call was likely meant.
+    """
+    with error_context(f"{call}({type(module).__name__}, {name!r})"):
+        try:
+            yield
+        except MaskSparseError as error:
+            hint = owner_hint(call, module, name)
+            if hint and not getattr(error, "_masksparse_call", False):
+                error.args = (f"{error}; {hint}", *error.args[1:])
+            raise
+
+
+def _path_expression(model: nn.Module, path: str) -> str:
+    """Python that reaches ``model.get_submodule(path)``: ``model.blocks[0].fc1`` where it can."""
+    expression, parent = "model", model
+    for part in path.split("."):
+        if part.isdigit() and isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            expression += f"[{part}]"
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            expression += f".{part}"
+        else:
+            return f"model.get_submodule({path!r})"
+        parent = parent._modules[part]  # type: ignore[assignment]
+    return expression
+
+
+def owner_of(module: Any, name: Any) -> tuple[str, str] | None:
+    """For ``name="fc1.weight"`` owned by ``module.fc1``: ``("model.fc1", "weight")``; else None."""
+    if not isinstance(module, nn.Module) or not isinstance(name, str) or "." not in name:
+        return None
+    path, leaf = name.rsplit(".", 1)
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return None
+    if leaf not in owner._parameters and leaf + "_orig" not in owner._parameters:
+        return None
+    return _path_expression(module, path), leaf
+
+
+def owner_hint(call: str, module: Any, name: Any) -> str:
+    """The call that was probably meant when a dotted name is a submodule's tensor; else ``""``."""
+    found = owner_of(module, name)
+    if found is None:
+        return ""
+    expression, leaf = found
+    return (
+        f"the first argument is the module that owns the tensor: did you mean {call}({expression}, {leaf!r})?"
+    )
 
 
 def prune_with(

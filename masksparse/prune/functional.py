@@ -14,7 +14,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse._errors import MaskSparseError, PruningTypeError, PruningValueError
 from masksparse.prune import _apply
 from masksparse.prune import methods as _m
 from masksparse.prune.select import (
@@ -280,7 +280,16 @@ def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
                 f"global_unstructured(): ({type(module).__name__}, {name!r}) is listed twice"
             )
         seen.add((id(module), name))
-        targets.append(_Target(module, name, scores.get((module, name))))
+        try:
+            targets.append(_Target(module, name, scores.get((module, name))))
+        except MaskSparseError as error:
+            owner = _apply.owner_of(module, name)
+            if owner is not None:
+                hint = (
+                    f"a pair names the module that owns the tensor: did you mean ({owner[0]}, {owner[1]!r})?"
+                )
+                error.args = (f"{error}; {hint}", *error.args[1:])
+            raise
     if not targets:
         raise PruningValueError("global_unstructured(): parameters is empty")
     return targets
