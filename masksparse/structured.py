@@ -33,7 +33,7 @@ from masksparse.importance import (
     tensor_of,
     unit_indices,
 )
-from masksparse.prune._apply import narrow
+from masksparse.prune.functional import narrow
 
 __all__ = ["prune_channels"]
 
