@@ -224,3 +224,23 @@ def test_repeated_custom_from_mask_stacks_like_torch_without_copies() -> None:
     held = {t.untyped_storage().data_ptr() for t in _tensors_of(hook)}
     assert held == {m.untyped_storage().data_ptr() for m in given}
     assert ours.weight_mask.untyped_storage().data_ptr() not in held
+
+
+def test_hooks_follow_the_buffer_when_the_module_replaces_it() -> None:
+    """After ``to_empty`` (or a device move) the buffers are new tensors; the hooks take them at forward."""
+    model = chain().eval()
+    for amount in AMOUNTS[:3]:
+        prune_channels(model, X, amount)
+    prune.global_unstructured([(model[5], "bias")], prune.L1Unstructured, amount=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model(X)
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    assert torch.equal(model(X), expected)
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            held = hook[-1] if isinstance(hook, prune.PruningContainer) else hook
+            assert held.mask is module._buffers[hook._tensor_name + "_mask"]
+    assert bool_bytes(model) == sum(m.numel() for m in masks(model).values())
+    prune_channels(model, X, AMOUNTS[3])  # narrows the new buffers; the hooks still hold them
+    assert bool_bytes(model) == sum(m.numel() for m in masks(model).values())

@@ -82,6 +82,10 @@ class BasePruningMethod(TorchMethod):
 
     def __call__(self, module: nn.Module, inputs: Any) -> None:
         """Forward pre-hook. ``module.<name>`` is computed on read, so only cached copies need refreshing."""
+        for method in (self, *getattr(self, "_pruning_methods", ())):
+            if getattr(method, "_holds_stored_mask", False):
+                # The buffer is a new tensor after module.to(device) or to_empty(): follow it.
+                method.mask = module._buffers[method._tensor_name + "_mask"]
         if isinstance(module, nn.RNNBase):
             # RNN modules hand a list of their weights to the fused kernel; rebuild it from the properties.
             module._init_flat_weights()
@@ -314,6 +318,15 @@ def apply_method(
         _reparam.adopt(module, name)
     module.register_forward_pre_hook(hook)
     return hook
+
+
+def hold_stored_mask(method: TorchMethod, module: nn.Module) -> None:
+    """Let an installed ``CustomFromMask`` hold the module's ``<name>_mask`` buffer, not a second mask.
+
+    At each forward it takes the buffer again, in case ``module.to(device)`` or ``to_empty()`` replaced it.
+    """
+    method.mask = module._buffers[method._tensor_name + "_mask"]  # type: ignore[attr-defined]
+    method._holds_stored_mask = True  # type: ignore[attr-defined]
 
 
 def prune_with(

@@ -191,7 +191,7 @@ def narrow(module: nn.Module, name: str, mask: torch.Tensor) -> None:
         newest = (
             hook[-1] if isinstance(hook, (_base.PruningContainer, torch_prune.PruningContainer)) else hook
         )
-        cast(_m.CustomFromMask, newest).mask = getattr(module, name + "_mask")
+        _base.hold_stored_mask(newest, module)
         return
     _m.check_same_shape(f"the mask for {type(module).__name__}.{name}", mask, name, stored)
     with torch.no_grad():
@@ -421,5 +421,4 @@ def global_unstructured(
     for target in targets:
         applied = _m.CustomFromMask(masks.pop())  # dropped once installed: one copy of each mask at a time
         _base.apply_method(applied, target.module, target.name)
-        # Point the hook at the stored buffer rather than keeping a second copy of the mask alive.
-        applied.mask = getattr(target.module, target.name + "_mask")
+        _base.hold_stored_mask(applied, target.module)  # no second copy of the mask stays alive
