@@ -6,7 +6,9 @@ original size) and torch.nn.utils.prune itself for repeated calls of the prune f
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 from typing import Any
 
 import pytest
@@ -244,3 +246,16 @@ def test_hooks_follow_the_buffer_when_the_module_replaces_it() -> None:
     assert bool_bytes(model) == sum(m.numel() for m in masks(model).values())
     prune_channels(model, X, AMOUNTS[3])  # narrows the new buffers; the hooks still hold them
     assert bool_bytes(model) == sum(m.numel() for m in masks(model).values())
+
+
+@pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
+def test_copies_of_a_model_pruned_in_rounds_keep_one_mask_per_tensor(copier: str) -> None:
+    model = chain().eval()
+    for amount in AMOUNTS:
+        prune_channels(model, X, amount)
+    twin = pickle.loads(pickle.dumps(model)) if copier == "pickle" else copy.deepcopy(model)
+    assert torch.equal(twin(X), model(X))
+    assert bool_bytes(twin) == bool_bytes(model) == sum(m.numel() for m in masks(twin).values())
+    prune_channels(twin, X, 0.75)  # the copy narrows its own masks, not the original's
+    assert int((~twin[0].weight_mask.flatten(1).any(1)).sum()) == 6
+    assert int((~model[0].weight_mask.flatten(1).any(1)).sum()) == 5

@@ -1,8 +1,10 @@
 """Pruning methods: small objects that validate their options once and compute masks.
 
 The classes mirror ``torch.nn.utils.prune`` name for name and mask for mask (random methods consume the
-random number generator exactly as torch does). Their base, :class:`BasePruningMethod`, and
-:class:`PruningContainer` are defined in ``masksparse.prune._base`` and importable from here too.
+random number generator exactly as torch does). Their base,
+:class:`~masksparse.prune.BasePruningMethod`, subclasses torch's, so torch's ``is_pruned`` and ``remove``
+recognise masksparse hooks and a method written for torch works here; it and
+:class:`~masksparse.prune.PruningContainer` are importable from this module too.
 """
 
 from __future__ import annotations
