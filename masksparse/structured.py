@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from masksparse import prune
 from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueError
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
@@ -34,6 +33,7 @@ from masksparse.importance import (
     tensor_of,
     unit_indices,
 )
+from masksparse.prune.functional import narrow
 
 __all__ = ["prune_channels"]
 
@@ -249,7 +249,8 @@ def _write_masks(model: nn.Module, selections: list[tuple[Group, torch.Tensor]])
             flat, unit = unit_indices(m)
             mask.index_fill_(m.dim, flat[chosen[unit]], False)
     for (path, name), mask in masks.items():
-        prune.custom_from_mask(model.get_submodule(path), name, mask)
+        # Narrowed in place on later rounds: one bool mask per tensor however often this runs.
+        narrow(model.get_submodule(path), name, mask)
 
 
 def prune_channels(

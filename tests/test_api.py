@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import configparser
 import importlib
 import importlib.metadata
@@ -139,3 +140,74 @@ def test_one_version_string() -> None:
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("masksparse is not installed, so there is no installed version to compare")
     assert installed == masksparse.__version__, "reinstall: the installed metadata is stale"
+
+
+def _imported_modules(source: str, module: str, known: set[str]) -> set[str]:
+    """Which of the ``known`` modules ``source`` imports anywhere, inside functions included.
+
+    ``from pkg import name`` imports ``pkg.name`` when that is a known module, and ``pkg`` otherwise.
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative to the package that holds ``module``
+                anchor = module.split(".")[: -node.level]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return (found & known) - {module}
+
+
+def _import_cycle(sources: dict[str, str]) -> list[str] | None:
+    """A cycle among ``sources`` (dotted module name -> source), as a path, or None."""
+    edges = {module: _imported_modules(source, module, set(sources)) for module, source in sources.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(edges[module]):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(sources):
+        if module not in state and (cycle := visit(module)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_sees_lazy_imports() -> None:
+    """The check below would fail on the circle masksparse.prune once had: a lazy import inside a method."""
+    sources = {
+        "pkg": "",
+        "pkg.methods": "class Base:\n    def apply(self):\n        from pkg._apply import run\n",
+        "pkg._apply": "from pkg import methods as _m\n",
+        "pkg.other": "from . import methods\n",
+    }
+    assert _import_cycle(sources) == ["pkg._apply", "pkg.methods", "pkg._apply"]
+    sources["pkg.methods"] = "import pkg.other\n"
+    assert _import_cycle(sources) == ["pkg.methods", "pkg.other", "pkg.methods"]
+    sources["pkg.other"] = ""
+    assert _import_cycle(sources) is None
+
+
+def test_prune_has_no_import_circle() -> None:
+    """No file of masksparse/prune imports another that imports it back, even lazily inside a function."""
+    folder = ROOT / "masksparse" / "prune"
+    sources = {
+        "masksparse.prune" + ("" if path.stem == "__init__" else f".{path.stem}"): path.read_text(
+            encoding="utf-8"
+        )
+        for path in sorted(folder.glob("*.py"))
+    }
+    assert {"masksparse.prune.methods", "masksparse.prune.functional"} <= set(sources)
+    assert _import_cycle(sources) is None, _import_cycle(sources)

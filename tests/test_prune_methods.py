@@ -244,3 +244,176 @@ def test_unpickled_module_keeps_pruning() -> None:
     assert type(loaded[0]).__name__ == "Linear" and isinstance(loaded[0], nn.Linear)
     with pytest.raises(PruningAttributeError, match="Linear.weight"):
         loaded[0].weight = nn.Parameter(torch.zeros(16, 12))
+
+
+BOOL_AMOUNT_CALLS = {
+    "l1_unstructured": lambda ns, m, a: ns.l1_unstructured(m[0], "weight", amount=a),
+    "random_unstructured": lambda ns, m, a: ns.random_unstructured(m[0], "bias", amount=a),
+    "ln_structured": lambda ns, m, a: ns.ln_structured(m[0], "weight", amount=a, n=2, dim=0),
+    "random_structured": lambda ns, m, a: ns.random_structured(m[0], "weight", amount=a, dim=1),
+    "class apply": lambda ns, m, a: ns.L1Unstructured.apply(m[2], "weight", amount=a),
+    "global_unstructured": lambda ns, m, a: ns.global_unstructured(
+        [(m[0], "weight"), (m[2], "weight")], ns.L1Unstructured, amount=a
+    ),
+}
+
+
+@pytest.mark.parametrize("amount", [True, False])
+@pytest.mark.parametrize("call", list(BOOL_AMOUNT_CALLS))
+def test_bool_amount_is_refused_where_torch_counts_it(call: str, amount: bool) -> None:
+    """A deliberate deviation: torch's check takes a bool for an int; masksparse refuses it.
+
+    In torch, False prunes nothing; True prunes one channel in ``ln_structured`` and fails inside
+    ``torch.topk``/``kthvalue`` (a bare TypeError) everywhere else.
+    """
+    theirs = mlp()
+    if amount and call != "ln_structured":
+        with pytest.raises(TypeError, match="must be int, not bool"):
+            BOOL_AMOUNT_CALLS[call](torch_prune, theirs, amount)
+    else:
+        BOOL_AMOUNT_CALLS[call](torch_prune, theirs, amount)
+        pruned = sum(int((m == 0).sum()) for k, m in theirs.state_dict().items() if k.endswith("_mask"))
+        assert pruned == (12 if amount else 0)  # one output channel of Linear(12, 16)
+    ours = mlp()
+    before = _snapshot(ours)
+    with pytest.raises(PruningTypeError, match=f"amount={amount} is a bool"):
+        BOOL_AMOUNT_CALLS[call](prune, ours, amount)
+    _assert_unchanged(ours, before)
+    with pytest.raises(PruningTypeError, match="is a bool"):
+        prune.LnStructured(amount=amount, n=1)
+
+
+AMOUNT_MESSAGES = [
+    (
+        lambda m: prune.l1_unstructured(m[0], "weight", amount=1.5),
+        PruningValueError,
+        "prune.l1_unstructured(Linear, 'weight'): amount=1.5 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.random_unstructured(m[2], "bias", amount=-1),
+        PruningValueError,
+        "prune.random_unstructured(Linear, 'bias'): amount=-1 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.l1_unstructured(m[0], "weight", amount=193),
+        PruningValueError,
+        "prune.l1_unstructured(Linear, 'weight'): amount=193 is larger than the number of entries left to "
+        "prune, numel=192",
+    ),
+    (
+        lambda m: prune.ln_structured(m[2], "weight", amount=9, n=1, dim=0),
+        PruningValueError,
+        "prune.ln_structured(Linear, 'weight'): amount=9 is larger than the number of channels left along "
+        "dim 0, size=8",
+    ),
+    (
+        lambda m: prune.random_structured(m[0], "weight", amount="half", dim=0),
+        PruningTypeError,
+        "prune.random_structured(Linear, 'weight'): amount='half' should be a float in [0, 1] or a "
+        "non-negative int, not str",
+    ),
+    (
+        lambda m: prune.L1Unstructured.apply(m[4], "weight", amount=2.0),
+        PruningValueError,
+        "prune.L1Unstructured.apply(Linear, 'weight'): amount=2.0 should be a float in [0, 1] or a "
+        "non-negative int",
+    ),
+    (
+        lambda m: prune.global_unstructured(
+            [(m[0], "bias"), (m[2], "bias")], prune.L1Unstructured, amount=25
+        ),
+        PruningValueError,
+        "prune.global_unstructured(L1Unstructured): amount=25 is larger than the number of entries left to "
+        "prune, numel=24",
+    ),
+]
+
+
+@pytest.mark.parametrize("index", range(len(AMOUNT_MESSAGES)))
+def test_amount_errors_name_the_call_module_and_tensor(index: int) -> None:
+    call, error, message = AMOUNT_MESSAGES[index]
+    model = mlp()
+    before = _snapshot(model)
+    with pytest.raises(error) as raised:
+        call(model)
+    assert str(raised.value) == message
+    _assert_unchanged(model, before)
+
+
+def test_amount_left_after_earlier_pruning_counts_the_unpruned_entries() -> None:
+    """An int amount counts the entries still unpruned, as torch's container does; the error says so."""
+    layer = nn.Linear(4, 3)
+    prune.l1_unstructured(layer, "weight", amount=5)
+    with pytest.raises(PruningValueError) as raised:
+        prune.l1_unstructured(layer, "weight", amount=8)
+    assert str(raised.value).endswith("amount=8 is larger than the number of entries left to prune, numel=7")
+    with pytest.raises(ValueError, match="should be smaller than the number of parameters to prune=7"):
+        torch_prune.l1_unstructured(torch_prune.l1_unstructured(nn.Linear(4, 3), "weight", 5), "weight", 8)
+    prune.l1_unstructured(layer, "weight", amount=7)
+    assert not layer.weight_mask.any()
+
+
+class Blocks(nn.Module):
+    """Named and numbered submodules, to check the suggested path is Python that reaches the owner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.ReLU())])
+        self.heads = nn.ModuleDict({"out-1": nn.Linear(6, 2)})
+
+
+OWNER_CASES = [
+    ("l1_unstructured", {"amount": 0.5}, "fc1.weight", "model.fc1", "weight"),
+    ("random_unstructured", {"amount": 1}, "fc1.bias", "model.fc1", "bias"),
+    ("ln_structured", {"amount": 1, "n": 2, "dim": 0}, "blocks.0.0.weight", "model.blocks[0][0]", "weight"),
+    ("random_structured", {"amount": 1, "dim": 1}, "blocks.0.0.weight", "model.blocks[0][0]", "weight"),
+    ("identity", {}, "heads.out-1.weight", "model.get_submodule('heads.out-1')", "weight"),
+    ("custom_from_mask", {"mask": torch.zeros(6)}, "fc1.bias", "model.fc1", "bias"),
+    ("nm_structured", {"n": 2, "m": 4}, "fc1.weight", "model.fc1", "weight"),
+]
+
+
+@pytest.mark.parametrize(("fn", "kwargs", "name", "path", "leaf"), OWNER_CASES)
+def test_a_dotted_name_suggests_the_module_that_owns_it(
+    fn: str, kwargs: dict, name: str, path: str, leaf: str
+) -> None:
+    model = Blocks()
+    before = _snapshot(model)
+    with pytest.raises(PruningAttributeError) as raised:
+        getattr(prune, fn)(model, name, **kwargs)
+    message = str(raised.value)
+    assert message.startswith(f"prune.{fn}(Blocks, {name!r}): Blocks has no parameter named {name!r}")
+    assert message.endswith(
+        f"the first argument is the module that owns the tensor: did you mean prune.{fn}({path}, {leaf!r})?"
+    )
+    _assert_unchanged(model, before)
+    # The suggested call is real Python and works.
+    getattr(prune, fn)(eval(path, {"model": model}), leaf, **kwargs)
+    assert hasattr(model.get_submodule(name.rsplit(".", 1)[0]), leaf + "_mask")
+
+
+def test_dotted_names_in_remove_class_apply_and_global() -> None:
+    model = Blocks()
+    prune.l1_unstructured(model.fc1, "weight", amount=2)
+    with pytest.raises(PruningValueError) as raised:
+        prune.remove(model, "fc1.weight")
+    assert str(raised.value).endswith("did you mean prune.remove(model.fc1, 'weight')?")
+    with pytest.raises(PruningAttributeError) as raised:
+        prune.L1Unstructured.apply(model, "blocks.0.0.bias", amount=1)
+    assert str(raised.value).endswith("did you mean prune.L1Unstructured.apply(model.blocks[0][0], 'bias')?")
+    with pytest.raises(PruningAttributeError) as raised:
+        prune.global_unstructured([(model, "heads.out-1.weight")], prune.L1Unstructured, amount=1)
+    assert str(raised.value).endswith("did you mean (model.get_submodule('heads.out-1'), 'weight')?")
+
+
+def test_no_suggestion_without_an_owner() -> None:
+    """A dotted name that no submodule owns, or an undotted one, gets the plain message."""
+    model = Blocks()
+    for name in ("fc2.weight", "fc1.kernel", "weight", "blocks.0.1.weight"):
+        with pytest.raises(PruningAttributeError) as raised:
+            prune.l1_unstructured(model, name, amount=1)
+        assert "did you mean" not in str(raised.value)
+        assert str(raised.value).startswith(f"prune.l1_unstructured(Blocks, {name!r}): ")

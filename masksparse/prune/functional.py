@@ -14,8 +14,8 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from masksparse._errors import PruningTypeError, PruningValueError
-from masksparse.prune import _apply
+from masksparse._errors import MaskSparseError, PruningTypeError, PruningValueError
+from masksparse.prune import _base, _context, _reparam
 from masksparse.prune import methods as _m
 from masksparse.prune.select import (
     MagnitudeScores,
@@ -39,7 +39,7 @@ def identity(module: nn.Module, name: str) -> nn.Module:
         >>> sorted(dict(layer.named_buffers()))
         ['bias_mask']
     """
-    _m.Identity.apply(module, name)
+    _base.prune_with("prune.identity", _m.Identity, module, name)
     return module
 
 
@@ -53,7 +53,7 @@ def random_unstructured(module: nn.Module, name: str, amount: float) -> nn.Modul
         >>> int((~layer.weight_mask).sum())
         5
     """
-    _m.RandomUnstructured.apply(module, name, amount)
+    _base.prune_with("prune.random_unstructured", _m.RandomUnstructured, module, name, amount)
     return module
 
 
@@ -71,7 +71,14 @@ def l1_unstructured(
         >>> float((layer.weight == 0).float().mean())
         0.5
     """
-    _m.L1Unstructured.apply(module, name, amount=amount, importance_scores=importance_scores)
+    _base.prune_with(
+        "prune.l1_unstructured",
+        _m.L1Unstructured,
+        module,
+        name,
+        amount=amount,
+        importance_scores=importance_scores,
+    )
     return module
 
 
@@ -85,7 +92,7 @@ def random_structured(module: nn.Module, name: str, amount: float, dim: int) -> 
         >>> int(layer.weight_mask.any(dim=1).sum())
         3
     """
-    _m.RandomStructured.apply(module, name, amount, dim)
+    _base.prune_with("prune.random_structured", _m.RandomStructured, module, name, amount, dim)
     return module
 
 
@@ -106,7 +113,16 @@ def ln_structured(
         >>> int((~layer.weight_mask.any(dim=1)).sum())
         2
     """
-    _m.LnStructured.apply(module, name, amount, n, dim, importance_scores=importance_scores)
+    _base.prune_with(
+        "prune.ln_structured",
+        _m.LnStructured,
+        module,
+        name,
+        amount,
+        n,
+        dim,
+        importance_scores=importance_scores,
+    )
     return module
 
 
@@ -120,7 +136,7 @@ def custom_from_mask(module: nn.Module, name: str, mask: torch.Tensor) -> nn.Mod
         >>> layer.bias_mask
         tensor([False])
     """
-    _m.CustomFromMask.apply(module, name, mask=mask)
+    _base.prune_with("prune.custom_from_mask", _m.CustomFromMask, module, name, mask=mask)
     return module
 
 
@@ -141,8 +157,48 @@ def nm_structured(
         >>> float(layer.weight_mask.float().mean())
         0.5
     """
-    _m.NMStructured.apply(module, name, n, m, dim, importance_scores=importance_scores)
+    _base.prune_with(
+        "prune.nm_structured", _m.NMStructured, module, name, n, m, dim, importance_scores=importance_scores
+    )
     return module
+
+
+def narrow(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """Prune ``module.<name>`` where the bool ``mask`` is False, keeping what is pruned already.
+
+    The result is ``custom_from_mask``'s, but a tensor masksparse has pruned already has its
+    ``<name>_mask`` buffer narrowed in place (``mask &= new``): no hook, container or mask copy is
+    added, so repeated rounds keep one bool mask per tensor. A first round installs a
+    :class:`CustomFromMask` that holds the stored buffer itself rather than a second full mask.
+
+    Example:
+        >>> import torch
+        >>> from masksparse.prune.functional import narrow
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> for keep in ([[True, True], [True, False]], [[False, True], [True, True]]):
+        ...     narrow(layer, "weight", torch.tensor(keep))
+        >>> (hook,) = layer._forward_pre_hooks.values()
+        >>> layer.weight_mask.tolist(), hook.mask is layer.weight_mask
+        ([[False, True], [True, False]], True)
+    """
+    if mask.dtype != torch.bool:
+        raise PruningTypeError(
+            f"narrowing {type(module).__name__}.{name} needs a bool mask, got {mask.dtype}"
+        )
+    stored = module._buffers.get(name + "_mask")
+    if _base.hook_for(module, name) is None or name not in _reparam.masked_names(module) or stored is None:
+        hook = _base.apply_method(_m.CustomFromMask(mask), module, name)
+        newest = (
+            hook[-1] if isinstance(hook, (_base.PruningContainer, torch_prune.PruningContainer)) else hook
+        )
+        _base.hold_stored_mask(newest, module)
+        return
+    _m.check_same_shape(f"the mask for {type(module).__name__}.{name}", mask, name, stored)
+    with torch.no_grad():
+        if stored.dtype == torch.bool:
+            stored &= mask.to(device=stored.device)
+        else:  # a float mask (perhaps soft, from torch) keeps its values where it is not narrowed
+            stored.mul_(mask.to(device=stored.device, dtype=stored.dtype))
 
 
 def remove(module: nn.Module, name: str) -> nn.Module:
@@ -159,15 +215,16 @@ def remove(module: nn.Module, name: str) -> nn.Module:
         >>> [name for name, _ in layer.named_parameters()], int((layer.weight == 0).sum())
         (['bias', 'weight'], 2)
     """
-    found = _apply.hook_for(module, name)
-    if found is None:
-        raise PruningValueError(
-            f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
-            "before pruning can be removed"
-        )
-    key, hook = found
-    hook.remove(module)
-    del module._forward_pre_hooks[key]
+    with _context.call_context("prune.remove", module, name):
+        found = _base.hook_for(module, name)
+        if found is None:
+            raise PruningValueError(
+                f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
+                "before pruning can be removed"
+            )
+        key, hook = found
+        hook.remove(module)
+        del module._forward_pre_hooks[key]
     return module
 
 
@@ -219,12 +276,12 @@ class _Target:
         self.module, self.name = module, name
         self.stored: torch.Tensor | None = None
         self.candidates: torch.Tensor | None = None  # None: every entry may be pruned
-        if _apply.hook_for(module, name) is not None:
+        if _base.hook_for(module, name) is not None:
             self.tensor, self.stored = getattr(module, name + "_orig"), getattr(module, name + "_mask")
             # As in torch, only entries whose mask is exactly 1 are still candidates.
             self.candidates = self.stored if self.stored.dtype == torch.bool else self.stored == 1
         else:
-            self.tensor = _apply.prunable_parameter(module, name)
+            self.tensor = _base.prunable_parameter(module, name)
         if scores is not None:
             _m.check_same_shape(
                 f"importance_scores for {type(module).__name__}.{name}", scores, name, self.tensor
@@ -261,7 +318,16 @@ def _resolve(parameters: Any, importance_scores: Any) -> list[_Target]:
                 f"global_unstructured(): ({type(module).__name__}, {name!r}) is listed twice"
             )
         seen.add((id(module), name))
-        targets.append(_Target(module, name, scores.get((module, name))))
+        try:
+            targets.append(_Target(module, name, scores.get((module, name))))
+        except MaskSparseError as error:
+            owner = _context.owner_of(module, name)
+            if owner is not None:
+                hint = (
+                    f"a pair names the module that owns the tensor: did you mean ({owner[0]}, {owner[1]!r})?"
+                )
+                error.args = (f"{error}; {hint}", *error.args[1:])
+            raise
     if not targets:
         raise PruningValueError("global_unstructured(): parameters is empty")
     return targets
@@ -287,7 +353,10 @@ def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Ten
     if not scores:
         return _new_masks_concatenated(method, targets)
     # Only L1Unstructured and RandomUnstructured (ours or torch's) get here; both have an amount.
-    count = _m.count_to_prune(cast(Any, method).amount, sum(t.remaining for t in targets))
+    remaining = sum(t.remaining for t in targets)
+    count = _m.count_to_prune(
+        cast(Any, method).amount, remaining, "the number of entries left to prune, numel"
+    )
     if count == 0:  # torch draws no random numbers then either
         return [t.mask_after(torch.zeros(t.tensor.shape, dtype=torch.bool)) for t in targets]
     dtype = common_dtype([source.dtype for source in scores])
@@ -337,18 +406,19 @@ def global_unstructured(
         60
     """
     targets = _resolve(parameters, importance_scores)
-    method = pruning_method(**kwargs)
-    kind = getattr(method, "PRUNING_TYPE", None)
-    if kind != "unstructured":
-        raise PruningTypeError(
-            'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
-            f"Found method {pruning_method} of type {kind}"
-        )
-    with torch.no_grad():
-        masks = _new_masks(method, targets)
+    label = getattr(pruning_method, "__name__", type(pruning_method).__name__)
+    with _context.error_context(f"prune.global_unstructured({label})"):
+        method = pruning_method(**kwargs)
+        kind = getattr(method, "PRUNING_TYPE", None)
+        if kind != "unstructured":
+            raise PruningTypeError(
+                'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
+                f"Found method {pruning_method} of type {kind}"
+            )
+        with torch.no_grad():
+            masks = _new_masks(method, targets)
     masks.reverse()
     for target in targets:
         applied = _m.CustomFromMask(masks.pop())  # dropped once installed: one copy of each mask at a time
-        _apply.apply_method(applied, target.module, target.name)
-        # Point the hook at the stored buffer rather than keeping a second copy of the mask alive.
-        applied.mask = getattr(target.module, target.name + "_mask")
+        _base.apply_method(applied, target.module, target.name)
+        _base.hold_stored_mask(applied, target.module)  # no second copy of the mask stays alive

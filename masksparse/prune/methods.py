@@ -1,80 +1,56 @@
 """Pruning methods: small objects that validate their options once and compute masks.
 
 The classes mirror ``torch.nn.utils.prune`` name for name and mask for mask (random methods consume the
-random number generator exactly as torch does). :class:`BasePruningMethod` subclasses torch's, so torch's
-``is_pruned`` and ``remove`` recognise masksparse hooks and a method written for torch works here.
+random number generator exactly as torch does). Their base,
+:class:`~masksparse.prune.BasePruningMethod`, subclasses torch's, so torch's ``is_pruned`` and ``remove``
+recognise masksparse hooks and a method written for torch works here; it and
+:class:`~masksparse.prune.PruningContainer` are importable from this module too.
 """
 
 from __future__ import annotations
 
 import numbers
-from abc import abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.utils.prune as torch_prune
-from torch import nn
 
-from masksparse._errors import (
-    PruningIndexError,
-    PruningTypeError,
-    PruningValueError,
-    ShapeMismatchError,
-)
-from masksparse.prune import _reparam
-
-TorchMethod = torch_prune.BasePruningMethod
-
-
-def _bool_safe(compute_mask: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Mark a ``compute_mask`` that works on bool masks, so masks never pass through float copies."""
-    compute_mask._masksparse_bool_safe = True  # type: ignore[attr-defined]
-    return compute_mask
-
-
-def accepts_bool_masks(method: TorchMethod) -> bool:
-    """Whether ``method.compute_mask`` is one of ours that computes bool masks from bool masks.
-
-    Other methods (a user's subclass that overrides ``compute_mask``, or a torch method) get float masks,
-    exactly as torch.nn.utils.prune passes them, and their result is converted afterwards.
-    """
-    if isinstance(method, PruningContainer):
-        return accepts_bool_masks(method[-1])
-    return getattr(type(method).compute_mask, "_masksparse_bool_safe", False)
-
-
-def is_binary(mask: torch.Tensor) -> bool:
-    """Whether every entry of ``mask`` is 0 or 1 (so it can be stored as bool without loss)."""
-    return mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all())
+from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse.prune._base import BasePruningMethod as BasePruningMethod
+from masksparse.prune._base import PruningContainer as PruningContainer
+from masksparse.prune._base import TorchMethod as TorchMethod
+from masksparse.prune._base import accepts_bool_masks as accepts_bool_masks
+from masksparse.prune._base import bool_safe, check_same_shape, normalise_dim
+from masksparse.prune._base import is_binary as is_binary
 
 
 def validate_amount(amount: Any) -> None:
-    """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction)."""
+    """Check an ``amount`` option: a non-negative int (a count) or a float in [0, 1] (a fraction).
+
+    A bool is refused, although torch takes ``True`` for 1: ``amount=True`` is far likelier a slip
+    than a wish to prune one entry. The pruning functions add the call, module and tensor to the message.
+    """
+    if isinstance(amount, bool):
+        raise PruningTypeError(f"amount={amount!r} is a bool; give an int (a count) or a float (a fraction)")
     if not isinstance(amount, numbers.Real):
-        raise PruningTypeError(f"Invalid type for amount: {amount!r}. Must be int or float.")
+        raise PruningTypeError(
+            f"amount={amount!r} should be a float in [0, 1] or a non-negative int, "
+            f"not {type(amount).__name__}"
+        )
     if (isinstance(amount, numbers.Integral) and amount < 0) or (
         not isinstance(amount, numbers.Integral) and not 0.0 <= float(amount) <= 1.0
     ):
-        raise PruningValueError(
-            f"amount={amount} should either be a float in the range [0, 1] or a non-negative integer"
-        )
+        raise PruningValueError(f"amount={amount} should be a float in [0, 1] or a non-negative int")
 
 
-def count_to_prune(amount: float, size: int) -> int:
-    """How many of ``size`` entries ``amount`` prunes (a float rounds like Python's ``round``)."""
+def count_to_prune(amount: float, size: int, what: str = "the number of entries left to prune, numel") -> int:
+    """How many of ``size`` entries ``amount`` prunes (a float rounds like Python's ``round``).
+
+    ``what`` names ``size`` in the error raised when an int amount exceeds it.
+    """
     count = int(amount) if isinstance(amount, numbers.Integral) else round(float(amount) * size)
     if count > size:
-        raise PruningValueError(
-            f"amount={amount} should be smaller than the number of parameters to prune={size}"
-        )
+        raise PruningValueError(f"amount={amount} is larger than {what}={size}")
     return count
-
-
-def _normalise_dim(t: torch.Tensor, dim: int) -> int:
-    if not -t.dim() <= dim < t.dim():
-        raise PruningIndexError(f"Invalid index {dim} for tensor of size {tuple(t.shape)}")
-    return dim % t.dim()
 
 
 def _require_structured(t: torch.Tensor) -> None:
@@ -94,175 +70,6 @@ def _channel_mask(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor
     return mask
 
 
-class BasePruningMethod(TorchMethod):
-    """Base class for pruning methods, with ``torch.nn.utils.prune.BasePruningMethod``'s interface.
-
-    A subclass sets ``PRUNING_TYPE`` (``"unstructured"``, ``"structured"`` with a ``dim`` attribute, or
-    ``"global"``) and implements :meth:`compute_mask`; :meth:`apply` then prunes a module with it.
-
-    Example:
-        >>> import torch
-        >>> from masksparse import prune
-        >>> class EveryOther(prune.BasePruningMethod):
-        ...     PRUNING_TYPE = "unstructured"
-        ...     def compute_mask(self, t, default_mask):
-        ...         mask = default_mask.clone()
-        ...         mask.view(-1)[::2] = 0
-        ...         return mask
-        >>> layer = torch.nn.Linear(4, 2)
-        >>> hook = EveryOther.apply(layer, "weight")
-        >>> layer.weight_mask.view(-1).tolist()
-        [False, True, False, True, False, True, False, True]
-    """
-
-    PRUNING_TYPE: str = "unstructured"
-
-    def __call__(self, module: nn.Module, inputs: Any) -> None:
-        """Forward pre-hook. ``module.<name>`` is computed on read, so only cached copies need refreshing."""
-        if isinstance(module, nn.RNNBase):
-            # RNN modules hand a list of their weights to the fused kernel; rebuild it from the properties.
-            module._init_flat_weights()
-
-    @abstractmethod
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Return the mask for ``t``, starting from ``default_mask`` (already-pruned entries are zero)."""
-
-    def apply_mask(self, module: nn.Module) -> torch.Tensor:
-        """Return ``<name>_orig * <name>_mask`` for the tensor this method prunes."""
-        return _reparam.masked_value(
-            getattr(module, self._tensor_name + "_orig"), getattr(module, self._tensor_name + "_mask")
-        )
-
-    @classmethod
-    def apply(
-        cls,
-        module: nn.Module,
-        name: str,
-        *args: Any,
-        importance_scores: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> TorchMethod:
-        """Prune tensor ``name`` of ``module`` with a new ``cls(*args, **kwargs)``; return the installed hook.
-
-        On any error the module is left exactly as it was.
-        """
-        from masksparse.prune._apply import apply_method  # it builds on the classes of this module
-
-        return apply_method(cls(*args, **kwargs), module, name, importance_scores)
-
-    def prune(
-        self,
-        t: torch.Tensor,
-        default_mask: torch.Tensor | None = None,
-        importance_scores: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Return ``t`` with this method's mask applied, without touching any module."""
-        scores = t if importance_scores is None else importance_scores
-        check_same_shape("importance_scores", scores, "the tensor t", t)
-        mask = torch.ones_like(t) if default_mask is None else default_mask
-        return t * self.compute_mask(scores, default_mask=mask)
-
-    def remove(self, module: nn.Module) -> None:
-        """Make the pruning permanent: ``<name>_orig`` (the same Parameter) becomes ``<name>`` again."""
-        _reparam.uninstall(module, self._tensor_name)
-
-
-def check_same_shape(what: str, t: torch.Tensor, against: str, ref: torch.Tensor) -> None:
-    if t.shape != ref.shape:
-        raise ShapeMismatchError(
-            f"{what} should have the same shape as {against}: "
-            f"got {tuple(t.shape)}, expected {tuple(ref.shape)}"
-        )
-
-
-def _unstructured_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
-    return mask == 1
-
-
-def _structured_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
-    if not hasattr(method, "dim"):
-        raise AttributeError(
-            'Pruning methods of PRUNING_TYPE "structured" need to have the attribute `dim` defined.'
-        )
-    dim = _normalise_dim(t, method.dim)
-    index: list[Any] = [slice(None)] * t.dim()
-    index[dim] = mask.sum(dim=[d for d in range(t.dim()) if d != dim]) != 0
-    return tuple(index)
-
-
-def _global_slice(method: TorchMethod, t: torch.Tensor, mask: torch.Tensor) -> Any:
-    return (slice(None),) * t.dim()
-
-
-# Which part of the tensor a new method prunes when it is added on top of earlier ones (torch's rules).
-_REMAINING_PART: dict[str, Callable[[TorchMethod, torch.Tensor, torch.Tensor], Any]] = {
-    "unstructured": _unstructured_slice,
-    "structured": _structured_slice,
-    "global": _global_slice,
-}
-
-
-class PruningContainer(BasePruningMethod):
-    """The sequence of methods applied to one tensor by iterative pruning.
-
-    The newest method only sees what the earlier ones left: unstructured methods the unpruned entries,
-    structured methods the channels that still have an unpruned entry, so amounts are relative to what
-    remains.
-
-    Example:
-        >>> import torch
-        >>> from masksparse import prune
-        >>> layer = prune.l1_unstructured(torch.nn.Linear(10, 10), "weight", amount=0.5)
-        >>> layer = prune.l1_unstructured(layer, "weight", amount=0.5)
-        >>> hook = next(iter(layer._forward_pre_hooks.values()))
-        >>> len(hook), int(layer.weight_mask.sum())
-        (2, 25)
-    """
-
-    def __init__(self, *methods: TorchMethod) -> None:
-        self._pruning_methods: tuple[TorchMethod, ...] = ()
-        if methods:
-            self._tensor_name = methods[0]._tensor_name
-        for method in methods:
-            self.add_pruning_method(method)
-
-    def add_pruning_method(self, method: TorchMethod) -> None:
-        """Append ``method``; it must act on the same tensor name as the container."""
-        if not isinstance(method, TorchMethod) and method is not None:
-            raise PruningTypeError(f"{type(method)} is not a BasePruningMethod subclass")
-        if method is not None and getattr(self, "_tensor_name", None) != method._tensor_name:
-            raise PruningValueError(
-                f"Can only add pruning methods acting on the parameter named "
-                f"'{getattr(self, '_tensor_name', None)}' to PruningContainer {self}. "
-                f"Found '{method._tensor_name}'"
-            )
-        self._pruning_methods += (method,)
-
-    def __len__(self) -> int:
-        return len(self._pruning_methods)
-
-    def __iter__(self) -> Any:
-        return iter(self._pruning_methods)
-
-    def __getitem__(self, idx: int) -> TorchMethod:
-        return self._pruning_methods[idx]
-
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        """Let the newest method prune the part of ``t`` that ``default_mask`` leaves, as torch does."""
-        method = self._pruning_methods[-1]
-        kind = getattr(method, "PRUNING_TYPE", None)
-        part = _REMAINING_PART.get(kind) if isinstance(kind, str) else None
-        if part is None:
-            raise PruningValueError(f"Unrecognized PRUNING_TYPE {kind!r} of {type(method).__name__}")
-        index = part(method, t, default_mask)
-        partial = method.compute_mask(t[index], default_mask=default_mask[index])
-        # Bool stays bool only while the new part is bool too: a soft custom mask keeps its values.
-        keep_bool = default_mask.dtype == torch.bool and partial.dtype == torch.bool
-        new_mask = default_mask.clone() if keep_bool else default_mask.to(dtype=t.dtype)
-        new_mask[index] = partial.to(dtype=new_mask.dtype)
-        return new_mask
-
-
 class Identity(BasePruningMethod):
     """Prune nothing: the mask is all ones (useful to set up the reparametrisation).
 
@@ -276,7 +83,7 @@ class Identity(BasePruningMethod):
 
     PRUNING_TYPE = "unstructured"
 
-    @_bool_safe
+    @bool_safe
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Return ``default_mask`` unchanged."""
         return default_mask
@@ -294,7 +101,7 @@ class _Unstructured(BasePruningMethod):
     def _entries_to_prune(self, t: torch.Tensor, count: int) -> torch.Tensor:
         raise NotImplementedError
 
-    @_bool_safe
+    @bool_safe
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Zero ``amount`` entries of ``default_mask``, as chosen by the method."""
         count = count_to_prune(self.amount, t.nelement())
@@ -360,8 +167,10 @@ class _Structured(BasePruningMethod):
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Zero ``amount`` channels along ``dim`` of ``default_mask``, as chosen by the method."""
         _require_structured(t)
-        dim = _normalise_dim(t, self.dim)
-        count = count_to_prune(self.amount, t.shape[dim])
+        dim = normalise_dim(t, self.dim)
+        count = count_to_prune(
+            self.amount, t.shape[dim], f"the number of channels left along dim {dim}, size"
+        )
         if count == 0:
             return default_mask
         mask = _channel_mask(t, dim, self._channels_to_keep(t, dim, count))
@@ -449,7 +258,7 @@ class CustomFromMask(BasePruningMethod):
             raise PruningTypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         self.mask = mask
 
-    @_bool_safe
+    @bool_safe
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Return ``default_mask * mask``."""
         check_same_shape("mask", self.mask, "the pruned tensor", default_mask)
@@ -487,12 +296,12 @@ class NMStructured(BasePruningMethod):
             raise PruningValueError(f"N:M pruning needs 0 <= n <= m and m >= 1, got n={n}, m={m}")
         self.n, self.m, self.dim = int(n), int(m), int(dim)
 
-    @_bool_safe
+    @bool_safe
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         """Zero the ``m - n`` smallest ``|t|`` of every group (already-pruned entries first)."""
         if t.dim() == 0:
             raise PruningValueError("N:M pruning needs a tensor with at least one dimension, got a scalar")
-        dim = _normalise_dim(t, self.dim)
+        dim = normalise_dim(t, self.dim)
         if t.shape[dim] % self.m:
             raise PruningValueError(
                 f"N:M pruning with m={self.m} needs the size of dim {dim} to be a multiple of {self.m}; "
