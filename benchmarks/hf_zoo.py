@@ -58,14 +58,14 @@ def output_error(ref: Any, got: Any) -> float:
 
 
 def kept_summary(small: torch.nn.Module, verbose: bool = False) -> str:
-    """What the plan kept: ``"-"``, or the first reason and how many modules kept units."""
+    """What the plan kept: ``"-"``, or how many units and the first reason."""
     kept = [k for plan in compaction_plans(small) for k in plan.kept]
     if not kept:
         return "-"
     if verbose:
         return "; ".join(f"{k.module}: {k.units} ({k.reason})" for k in kept)
     units = sum(k.units for k in kept)
-    return f"{len(kept)} modules, {units} units: {kept[0].module}: {kept[0].reason[:70]}"
+    return f"{units} units: {kept[0].module}: {kept[0].reason[:80]}"
 
 
 def run_one(name: str, amount: float = 0.5, verbose: bool = False) -> dict[str, object]:
