@@ -22,7 +22,6 @@ _FAST = ("bert", "gpt2", "llama", "t5", "vit", "whisper")
 _BOUND = 0.75
 # Looser bounds, each with why the model keeps more; tighten as compaction learns the module.
 _BOUNDS = {
-    "gpt2": (1.0, "transformers' Conv1D is not a known layer: its units are kept"),
     "phi3": (1.0, "the fused gate_up_proj / qkv_proj are split by chunk; their units are kept"),
     "t5": (0.82, "EncDecAttention's n_heads / inner_dim do not follow the cut; its heads are kept"),
     "gpt_neox": (0.79, "the fused query_key_value projection keeps units"),
@@ -92,3 +91,20 @@ def test_hf_model_compacts_exactly(name: str) -> None:
     bound = _BOUNDS.get(name, (_BOUND, ""))[0]
     assert ratio <= bound, f"{name} keeps {ratio:.3f} of its parameters (bound {bound})"
     _check_config(small)
+
+
+def test_hf_conv1d_stack_compacts_exactly() -> None:
+    """transformers' Conv1D (weight (in, out), ``nf`` outputs) is cut like a transposed Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(12, 6), nn.ReLU(), Conv1D(10, 12), nn.ReLU(), Conv1D(3, 10)).eval()
+    x = torch.randn(2, 5, 6)
+    prune_channels(model, x, 0.5)
+    small = compact(model, x)
+    with torch.no_grad():
+        assert relative_error(model(x), small(x)) <= _TOL
+    first, second, last = small[0], small[2], small[4]
+    assert (first.nf, second.nf, last.nf) == (6, 5, 3)
+    assert first.weight.shape == (6, 6) and second.weight.shape == (6, 5) and last.weight.shape == (5, 3)
+    assert second.weight.shape[0] == first.nf and last.weight.shape[0] == second.nf
