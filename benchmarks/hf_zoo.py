@@ -65,7 +65,10 @@ def kept_summary(small: torch.nn.Module, verbose: bool = False) -> str:
     if verbose:
         return "; ".join(f"{k.module}: {k.units} ({k.reason})" for k in kept)
     units = sum(k.units for k in kept)
-    return f"{units} units: {kept[0].module}: {kept[0].reason[:80]}"
+    reason = kept[0].reason
+    if "fails in module" in reason:  # the error the compacted model raised says most
+        reason = "fails: " + reason.split("': ", 1)[-1].rstrip(")")
+    return f"{units} units: {kept[0].module.split(' and ')[0]}: {reason[:70]}"
 
 
 def run_one(name: str, amount: float = 0.5, verbose: bool = False) -> dict[str, object]:
