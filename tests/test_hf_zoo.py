@@ -24,8 +24,8 @@ _BOUND = 0.75
 _BOUNDS = {
     "phi3": (1.0, "the fused gate_up_proj / qkv_proj are split by chunk; their units are kept"),
     "t5": (0.82, "EncDecAttention's n_heads / inner_dim do not follow the cut; its heads are kept"),
-    "gpt_neox": (0.79, "the fused query_key_value projection keeps units"),
-    "phi": (0.79, "partial rotary and the dense output keep units"),
+    "gpt_neox": (0.79, "no attention head is pruned (rotary attention, as in llama); only the MLP shrinks"),
+    "phi": (0.79, "no attention head is pruned (rotary attention, as in llama); only the MLP shrinks"),
     "segformer": (0.77, "the efficient self-attention's size attributes do not follow the cut"),
 }
 _TOL = 1e-4  # float32 rounding of sums over fewer (all zero) terms
