@@ -18,6 +18,8 @@ __all__ = ["register_slicer", "slicer_for"]
 
 Slicer = Callable[[nn.Module, Mapping[str, tuple[int, ...]]], dict[str, Any]]
 _SLICERS: dict[type, Slicer] = {}
+# Classes of optional libraries, by "module.QualName", so that masksparse never imports them itself.
+_SLICERS_BY_NAME: dict[str, Slicer] = {}
 
 
 def register_slicer(*types: type) -> Callable[[Slicer], Slicer]:
@@ -52,6 +54,9 @@ def slicer_for(module: nn.Module) -> Slicer:
     for cls in type(module).__mro__:
         if cls in _SLICERS:
             return _SLICERS[cls]
+        by_name = _SLICERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if by_name is not None:
+            return by_name
     raise CompactionError(f"no slicer registered for {type(module).__name__}")  # nn.Module has one
 
 
@@ -94,3 +99,11 @@ def _embedding(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict
 @register_slicer(nn.PReLU)
 def _prelu(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     return {"num_parameters": shapes["weight"][0]}
+
+
+def _hf_conv1d(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    # transformers' Conv1D holds its weight as (in, out) and reshapes its output to ``nf`` units
+    return {"nf": shapes["weight"][1]}
+
+
+_SLICERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
