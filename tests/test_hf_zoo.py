@@ -91,6 +91,20 @@ def test_hf_model_compacts_exactly(name: str) -> None:
     bound = _BOUNDS.get(name, (_BOUND, ""))[0]
     assert ratio <= bound, f"{name} keeps {ratio:.3f} of its parameters (bound {bound})"
     _check_config(small)
+    _check_head_sizes(small)
+
+
+def _check_head_sizes(small: nn.Module) -> None:
+    """An attention module that stores heads x head size (BERT's and MobileViT's ``all_head_size``, T5's
+    ``inner_dim``) states the width its projections have after the cut."""
+    for path, m in small.named_modules():
+        heads = next((getattr(m, k) for k in ("num_attention_heads", "n_heads") if hasattr(m, k)), None)
+        size = next(
+            (getattr(m, k) for k in ("attention_head_size", "key_value_proj_dim") if hasattr(m, k)), None
+        )
+        for k in ("all_head_size", "inner_dim"):
+            if isinstance(heads, int) and isinstance(size, int) and isinstance(getattr(m, k, None), int):
+                assert getattr(m, k) == heads * size, (path, k, getattr(m, k), heads, size)
 
 
 def test_hf_conv1d_stack_compacts_exactly() -> None:

@@ -199,15 +199,27 @@ def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> lis
             name = head_attribute(model.get_submodule(split.module), split)
         except CompactionError as exc:
             raise KeepUnits([(units, split.module, str(exc))]) from exc
-        update = AttributeUpdate(split.module, name, split.size, split.kept)
-        prior = updates.setdefault((split.module, name), update)
-        if prior != update:
-            why = (
-                f"it splits {prior.old} and {update.old} heads out of two tensors, keeping {prior.new} and "
-                f"{update.new}: {name} cannot hold both"
-            )
-            raise KeepUnits([(units, split.module, why)])
+        module = model.get_submodule(split.module)
+        width = [
+            AttributeUpdate(split.module, k, split.size * split.inner, split.kept * split.inner)
+            for k in _HEADS_WIDTH
+            if type(getattr(module, k, None)) is int and getattr(module, k) == split.size * split.inner
+        ]
+        for update in [AttributeUpdate(split.module, name, split.size, split.kept), *width]:
+            prior = updates.setdefault((split.module, update.name), update)
+            if prior != update:
+                why = (
+                    f"it splits {prior.old} and {update.old} out of two tensors, keeping {prior.new} and "
+                    f"{update.new}: {update.name} cannot hold both"
+                )
+                raise KeepUnits([(units, split.module, why)])
     return list(updates.values())
+
+
+# Attributes that attention classes (Hugging Face's among them) keep for heads x head size and use in
+# forward (``view(..., self.all_head_size)``): they follow the heads that are cut. A name that may mean
+# the model's width (``embed_dim``, ``hidden_size``) is left alone.
+_HEADS_WIDTH = ("all_head_size", "inner_dim")
 
 
 def _activations(
