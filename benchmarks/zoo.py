@@ -3,9 +3,10 @@
 For each model (weights=None, eval mode, BatchNorm statistics and affine parameters randomised as in
 a trained network): ``prune_channels(amount=0.5)``, then ``compact``. The classifier's outputs are the
 model's outputs, which ``prune_channels`` never prunes; its inputs shrink with the layers that feed
-them, as with Torch-Pruning's ``ignored_layers=[classifier]``. ``--keep-classifier-inputs`` lists the
-classifier in masksparse's ``ignored_layers`` instead, which keeps its inputs (and so the last
-feature width) too.
+them, as with Torch-Pruning's ``ignored_layers=[classifier]``. ``--ignore-classifier`` passes
+``ignored_layers=[classifier]`` explicitly (the same meaning: its outputs are kept, its inputs follow their
+producers); ``--keep-classifier-inputs`` lists the classifier in ``untouched_layers`` instead, which keeps
+its inputs (and so the last feature width) too.
 With ``--method ln_structured`` the masks come from plain ``torch.nn.utils.prune.ln_structured`` on
 every conv weight instead (so masked channels still emit their BatchNorm shift). The table shows
 whether it worked, the largest relative error between the masked and the compacted model's outputs,
@@ -31,6 +32,7 @@ kept, so it bounds what the run needs rather than what one model needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -92,11 +94,15 @@ def mask(
     amount: float,
     keep_inputs: bool = False,
     allow_inexact: bool = False,
+    ignore_classifier: bool = False,
 ) -> None:
     """Mask ``model`` with masksparse's prune_channels or with torch's ln_structured on conv weights."""
     if method == "prune_channels":
-        ignored = [classifier(model)] if keep_inputs else []
-        prune_channels(model, x, amount, ignored_layers=ignored, allow_inexact=allow_inexact)
+        untouched = [classifier(model)] if keep_inputs else []
+        ignored = [classifier(model)] if ignore_classifier else []
+        prune_channels(
+            model, x, amount, ignored_layers=ignored, untouched_layers=untouched, allow_inexact=allow_inexact
+        )
         return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -134,6 +140,7 @@ def run_one(
     method: str = "prune_channels",
     keep_inputs: bool = False,
     allow_inexact: bool = False,
+    ignore_classifier: bool = False,
 ) -> dict[str, object]:
     """Mask and compact one model; the row of the table."""
     reset_peak_rss()
@@ -146,7 +153,7 @@ def run_one(
     start = time.perf_counter()
     small = None
     try:
-        mask(model, x, method, amount, keep_inputs, allow_inexact)
+        mask(model, x, method, amount, keep_inputs, allow_inexact, ignore_classifier)
         small, deviation = compact_inexact(model, x) if allow_inexact else (compact(model, x), 0.0)
         with torch.no_grad():
             err = relative_error(model(x), small(x))
@@ -178,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "--max-params", type=float, default=0.0, help="skip models over this many million parameters (0: all)"
     )
     parser.add_argument(
-        "--keep-classifier-inputs", action="store_true", help="list the classifier in ignored_layers"
+        "--keep-classifier-inputs", action="store_true", help="list the classifier in untouched_layers"
+    )
+    parser.add_argument(
+        "--ignore-classifier", action="store_true", help="list the classifier in ignored_layers"
     )
     parser.add_argument(
         "--allow-inexact",
@@ -191,13 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     names = (
         args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     )
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows, skipped = [], []
     for name in names:
         if args.max_params and num_params(name) > args.max_params * 1e6:
             skipped.append(f"{name} ({num_params(name) / 1e6:.0f}M)")
             continue
-        rows.append(run_one(name, args.amount, args.method, args.keep_classifier_inputs, args.allow_inexact))
+        rows.append(
+            run_one(
+                name,
+                args.amount,
+                args.method,
+                args.keep_classifier_inputs,
+                args.allow_inexact,
+                args.ignore_classifier,
+            )
+        )
         print(" | ".join(str(v) for v in rows[-1].values()), file=sys.stderr, flush=True)  # progress
     print(tabulate(rows, headers="keys"))
     ok = sum(r["status"] == "ok" for r in rows)
