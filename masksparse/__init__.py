@@ -31,11 +31,13 @@ from masksparse.compact import (
     save_compacted,
 )
 from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
+from masksparse.criteria import LayerStats, calibrate
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 from masksparse.structured import prune_channels
+from masksparse.unstructured import prune_unstructured
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "InexactCompactionWarning",
     "KeptUnitsWarning",
     "LayerComparison",
+    "LayerStats",
     "MaskSparseError",
     "MissingDependencyError",
     "Plan",
@@ -60,6 +63,7 @@ __all__ = [
     "SparsityReport",
     "StateDictError",
     "__version__",
+    "calibrate",
     "compact",
     "compaction_plans",
     "compare_reports",
@@ -68,6 +72,7 @@ __all__ = [
     "plan_compaction",
     "prune",
     "prune_channels",
+    "prune_unstructured",
     "read_state_dict",
     "remove_all",
     "save_compacted",

@@ -1,0 +1,162 @@
+"""SparseGPT-style reconstruction: prune a weight matrix and update what is kept so that the layer's
+outputs on the calibration inputs change as little as possible (Frantar & Alistarh, 2023).
+
+Columns (input features) are visited left to right in blocks; the error of zeroing a weight is spread
+over the later columns of its row through the Cholesky factor of the inverse damped ``X^T X``. The
+mask is chosen per block by the OBS saliency ``w^2 / [H^-1]_jj^2`` (``amount`` of every block), or per
+group of ``m`` columns for an N:M pattern. With a ``bias``, the bias is the last column of the problem
+(its input is the constant 1, which ``sums`` and ``rows`` describe): it is never pruned and absorbs
+what the pruned weights shifted on average. One function, one layer, no model plumbing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from masksparse._errors import PruningValueError
+
+__all__ = ["sparsegpt"]
+
+
+def _inverse_factor(xtx: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the damped inverse of ``xtx``, and the mask of dead columns."""
+    h = xtx.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    damp = percdamp * torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(5):  # near-singular X^T X: grow the damping until the factorisation succeeds
+        chol, info = torch.linalg.cholesky_ex(h + eye * damp * (10.0**attempt))
+        if int(info) == 0:
+            factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return factor, dead
+    raise PruningValueError(
+        "SparseGPT: X^T X stays singular even with 10000x the dampening; raise percdamp or give more "
+        "calibration data"
+    )
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    amount: float,
+    *,
+    pruned: torch.Tensor | None = None,
+    pattern: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    bias: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
+    rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prune ``weight`` (``(out, in)``) given its inputs' ``xtx`` (``(in, in)``).
+
+    Args:
+        weight: the dense (or already masked) weight; not changed.
+        xtx: ``X^T X`` of the layer's calibration inputs.
+        amount: fraction of every column block to leave zero (ignored with a ``pattern``).
+        pruned: bool ``(out, in)``, entries already pruned; they stay pruned and count toward
+            ``amount``.
+        pattern: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs of each row.
+        blocksize: columns updated together (the reference uses 128).
+        percdamp: dampening, a fraction of the mean diagonal of ``xtx`` added to it.
+        bias: the layer's bias, updated too when given (then ``sums``, the column sums of the inputs,
+            and ``rows``, how many input rows there were, are needed).
+
+    Returns:
+        ``(new_weight, keep, new_bias)``: the reconstructed weight (zero where pruned) in ``weight``'s
+        dtype, the bool mask of what is kept, and the updated bias (None without one).
+
+    Example:
+        >>> import torch
+        >>> from masksparse.criteria import sparsegpt
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> w, x = torch.randn(4, 8), torch.randn(64, 8)
+        >>> new, keep, _ = sparsegpt(w, x.T @ x, 0.5)
+        >>> int(keep.sum()), bool((new[~keep] == 0).all())
+        (16, True)
+        >>> naive = ((x @ (w * keep).T - x @ w.T) ** 2).sum()
+        >>> bool(((x @ new.T - x @ w.T) ** 2).sum() < naive)  # the update lowers the output error
+        True
+    """
+    out, cols = weight.shape
+    if xtx.shape != (cols, cols):
+        raise PruningValueError(f"SparseGPT: xtx has shape {tuple(xtx.shape)}, expected {(cols, cols)}")
+    dtype = torch.float64 if xtx.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = xtx.to(dtype)
+    forced = torch.zeros_like(w, dtype=torch.bool) if pruned is None else pruned.to(w.device).clone()
+    if bias is not None:
+        if sums is None or rows <= 0:
+            raise PruningValueError("SparseGPT with a bias needs the inputs' column sums and row count")
+        s = sums.to(dtype).reshape(-1, 1)
+        n = torch.full((1, 1), float(rows), dtype=dtype, device=h.device)
+        h = torch.cat([torch.cat([h, s], 1), torch.cat([s.T, n], 1)], 0)
+        w = torch.cat([w, bias.detach().to(dtype).reshape(-1, 1)], 1)
+        forced = torch.cat([forced, torch.zeros(out, 1, dtype=torch.bool, device=w.device)], 1)
+    drop = _solve(w, h, amount, forced, pattern, blocksize, percdamp, cols)
+    keep = ~drop[:, :cols]
+    new_bias = w[:, cols].to(bias.dtype) if bias is not None else None
+    return (w[:, :cols] * keep).to(weight.dtype), keep, new_bias
+
+
+def _solve(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    amount: float,
+    forced: torch.Tensor,
+    pattern: tuple[int, int] | None,
+    blocksize: int,
+    percdamp: float,
+    prunable: int,
+) -> torch.Tensor:
+    """Prune the first ``prunable`` columns of ``w`` in place, updating every column; returns what
+    was dropped. Columns past ``prunable`` (the bias) are only updated."""
+    cols = w.shape[1]
+    hinv, dead = _inverse_factor(h, percdamp)
+    w[:, dead] = 0
+    drop = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d = torch.diagonal(h1)
+        if pattern is None and i1 < prunable:
+            p2 = min(i2, prunable)
+            score = w1[:, : p2 - i1] ** 2 / d[: p2 - i1].unsqueeze(0) ** 2
+            drop[:, i1:p2] = _lowest(score, forced[:, i1:p2], amount)
+        for i in range(i2 - i1):
+            if pattern is not None and i1 + i < prunable and (i1 + i) % pattern[1] == 0:
+                j = slice(i1 + i, i1 + i + pattern[1])
+                score = w1[:, i : i + pattern[1]] ** 2 / d[i : i + pattern[1]] ** 2
+                drop[:, j] = _lowest_n(score, forced[:, j], pattern)
+            col = w1[:, i]
+            q = torch.where(drop[:, i1 + i], torch.zeros_like(col), col)
+            e = (col - q) / d[i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return drop
+
+
+def _lowest(score: torch.Tensor, forced: torch.Tensor, amount: float) -> torch.Tensor:
+    """Drop the ``amount`` fraction of lowest scores of the block, ``forced`` entries first."""
+    k = max(int(round(amount * score.numel())), int(forced.sum()))
+    flat = score.masked_fill(forced, float("-inf")).flatten()
+    drop = torch.zeros_like(flat, dtype=torch.bool)
+    if k:
+        drop[torch.topk(flat, k, largest=False).indices] = True
+    return drop.view(forced.shape)
+
+
+def _lowest_n(score: torch.Tensor, forced: torch.Tensor, pattern: tuple[int, int]) -> torch.Tensor:
+    """Per row, drop the ``m - n`` lowest of ``m`` columns (forced entries first; more if forced)."""
+    n, m = pattern
+    score = score.masked_fill(forced, float("-inf"))
+    drop = torch.zeros_like(score, dtype=torch.bool)
+    drop.scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
+    return drop | forced
