@@ -107,7 +107,8 @@ class _StageDone(Exception):
 
 @dataclasses.dataclass
 class _Pass:
-    """The hooks of one pass over the data: statistics for ``modules``, stopping after ``stop``."""
+    """The state of one pass over the data: each layer's statistics so far, and the current batch's
+    token mask."""
 
     stats: dict[str, LayerStats]
     hessian: bool
@@ -128,6 +129,7 @@ class _Pass:
                 self.stats[name] = LayerStats.empty(
                     x.shape[-1], hessian=self.hessian, dtype=self.dtype, device=x.device
                 )
+            self.stats[name].add(x)
 
         return pre_hook
 
