@@ -1,0 +1,245 @@
+"""prune_unstructured and calibrate: masks match the papers' definitions and the reference code, N:M
+holds, existing masks are kept, layers are calibrated after the ones before them are pruned, and bad
+input or a failure part-way leaves the model as it was."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import masksparse
+from masksparse import LayerStats, PruningTypeError, PruningValueError, calibrate, prune, prune_unstructured
+from masksparse.criteria import find_blocks, sparsegpt
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import _reference  # noqa: E402
+
+
+def _data(width: int = 12, n: int = 3, rows: int = 40, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, width, generator=g) for _ in range(n)]
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def test_calibrate_gathers_norms_and_xtx_of_each_layer_input():
+    model, data = _mlp(), _data()
+    stats = calibrate(model, data, [model[0], "2"], hessian=True)
+    x = torch.cat(data)
+    h = torch.relu(model[0](x))
+    assert stats["0"].rows == 120 and torch.allclose(stats["0"].sq_norms, (x * x).sum(0), atol=1e-4)
+    assert torch.allclose(stats["2"].xtx, h.T @ h, atol=1e-3)
+    assert torch.allclose(stats["2"].sums, h.sum(0), atol=1e-4)
+
+
+def test_wanda_prunes_the_lowest_weight_times_input_norm_in_each_row():
+    model, data = _mlp(), _data()
+    norms = torch.cat(data).norm(dim=0)
+    score = model[0].weight.detach().abs() * norms
+    prune_unstructured(model, data, 0.25, method="wanda", modules=[model[0]], progress=False)
+    expected = torch.ones_like(score, dtype=torch.bool)
+    expected.scatter_(1, score.argsort(dim=1)[:, :3], False)  # 25% of 12 inputs per row
+    assert torch.equal(model[0].weight_mask, expected)
+
+
+def test_magnitude_matches_torch_l1_unstructured():
+    model = _mlp()
+    oracle = copy.deepcopy(model)
+    prune_unstructured(model, None, 0.4, method="magnitude", modules=["0", "2"], progress=False)
+    for i in (0, 2):
+        torch.nn.utils.prune.l1_unstructured(oracle[i], "weight", amount=0.4)
+        assert torch.equal(model[i].weight_mask, oracle[i].weight_mask.bool())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+def test_sparsegpt_matches_the_reference_code_on_one_layer(pattern):
+    """With an N:M pattern (no threshold ties to break), our SparseGPT picks the reference's mask and
+    reaches its weights."""
+    n, m = (int(v) for v in pattern.split(":"))
+    torch.manual_seed(0)
+    layer, x = nn.Linear(16, 6), torch.randn(200, 16) @ torch.randn(16, 16)
+    ref = _reference._SparseGPT(copy.deepcopy(layer))
+    ref.add_batch(x)
+    ref.fasterprune(0.5, prunen=m - n, prunem=m)
+    new, keep, _ = sparsegpt(layer.weight, x.T @ x, 0.5, pattern=(n, m))
+    assert torch.equal(keep, ref.layer.weight != 0)
+    assert torch.allclose(new, ref.layer.weight, atol=1e-4)
+
+
+def test_sparsegpt_output_error_below_the_same_mask_without_reconstruction():
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 32), torch.randn(256, 32) @ torch.randn(32, 32)
+    new, keep, _ = sparsegpt(w, x.T @ x, 0.5)
+    assert int(keep.sum()) == 128
+    err = ((x @ (new - w).T) ** 2).sum()
+    assert err < 0.75 * ((x @ (w * keep - w).T) ** 2).sum()
+
+
+def test_sparsegpt_bias_refit_lowers_the_error_on_inputs_with_a_mean():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(8, 32), torch.randn(8), torch.randn(256, 32) + 2.0
+    out = x @ w.T + b
+    plain, keep, _ = sparsegpt(w, x.T @ x, 0.6)
+    new, keep2, nb = sparsegpt(w, x.T @ x, 0.6, bias=b, sums=x.sum(0), rows=256)
+    assert nb is not None and int(keep2.sum()) == int(keep.sum())
+    assert ((x @ new.T + nb - out) ** 2).sum() < ((x @ plain.T + b - out) ** 2).sum()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_pattern_holds_in_every_group_along_the_inputs(method, pattern):
+    n, m = (int(v) for v in pattern.split(":"))
+    model, layers = _mlp(), [0, 2] if m == 4 else [2]  # 12 inputs do not split into groups of 8
+    prune_unstructured(
+        model, _data(), method=method, pattern=pattern, modules=[model[i] for i in layers], progress=False
+    )
+    for i in layers:
+        mask = model[i].weight_mask
+        assert torch.equal(
+            mask.view(mask.shape[0], -1, m).sum(-1), torch.full((mask.shape[0], mask.shape[1] // m), n)
+        )
+        assert torch.equal(model[i].weight, model[i].weight_orig * mask)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_again_keeps_what_was_pruned_and_reaches_the_new_amount(method):
+    model, data = _mlp(), _data()
+    prune.random_unstructured(model[0], "weight", amount=0.3)
+    before = model[0].weight_mask.clone()
+    prune_unstructured(model, data, 0.6, method=method, modules=["0"], progress=False)
+    after = model[0].weight_mask
+    assert not (after & ~before).any()
+    assert int((~after).sum()) == round(0.6 * after.numel()) or method != "magnitude"
+    assert (~after).float().mean() >= 0.6 - 1 / 12
+    (hook,) = model[0]._forward_pre_hooks.values()
+    assert getattr(hook, "mask", after) is after  # one mask, no stacked container
+
+
+def test_default_layers_are_every_linear_but_the_output_layer():
+    model = _mlp()
+    prune_unstructured(model, _data(), 0.5, progress=False)
+    assert hasattr(model[0], "weight_mask") and hasattr(model[2], "weight_mask")
+    assert not hasattr(model[4], "weight_mask")
+
+
+def test_stages_see_the_layers_before_them_pruned():
+    """Each layer is calibrated on what the already pruned layers before it output: the same result
+    as calibrating and pruning one layer at a time by hand."""
+    model, data = _mlp(), _data()
+    by_hand = copy.deepcopy(model)
+    prune_unstructured(model, data, 0.5, method="sparsegpt", modules=["0", "2"], progress=False)
+    for name in ("0", "2"):
+        stats = calibrate(by_hand, data, [name], hessian=True)
+        prune_unstructured(by_hand, stats, 0.5, method="sparsegpt", modules=[name], progress=False)
+    for i in (0, 2):
+        assert torch.equal(model[i].weight_mask, by_hand[i].weight_mask)
+        assert torch.allclose(model[i].weight_orig, by_hand[i].weight_orig, atol=1e-6)
+
+
+def test_result_is_torch_style_and_loads_into_a_fresh_model():
+    model = _mlp()
+    prune_unstructured(model, _data(), 0.5, method="sparsegpt", progress=False)
+    fresh = _mlp(seed=5)
+    masksparse.load_state_dict(fresh, model.state_dict())
+    x = torch.randn(3, 12)
+    assert torch.equal(fresh(x), model(x))
+    prune.remove(model[0], "weight")
+    assert float((model[0].weight == 0).float().mean()) == 0.5
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def _bert_batches():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[0, 4:] = 0
+        out.append({"input_ids": torch.randint(0, 50, (3, 7), generator=g), "attention_mask": mask})
+    return out
+
+
+def test_hugging_face_batches_are_called_with_keywords_and_padding_is_left_out():
+    model, data = _bert(), _bert_batches()
+    assert find_blocks(model) == "encoder.layer"
+    stats = calibrate(model, data, ["encoder.layer.0.attention.self.query"])
+    assert stats["encoder.layer.0.attention.self.query"].rows == sum(
+        int(b["attention_mask"].sum()) for b in data
+    )
+    prune_unstructured(model, data, 0.5, method="sparsegpt", pattern="2:4", progress=False)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 12 and all(float(m.weight_mask.float().mean()) == 0.5 for m in linears)
+    assert torch.isfinite(model(**data[0]).last_hidden_state).all()
+
+
+def test_bad_input_raises_before_anything_changes():
+    model, data = _mlp(), _data()
+    state = _state(model)
+    cases = [
+        ({"data": []}, PruningValueError, "gave no batches"),
+        ({"data": torch.randn(4, 12)}, PruningTypeError, "iterable of batches"),
+        ({"data": [torch.randn(4, 5)]}, PruningValueError, "first calibration batch.*mat1 and mat2"),
+        ({"method": "obs"}, PruningValueError, "method must be one of"),
+        ({"amount": 1.0}, PruningValueError, "amount"),
+        ({"amount": True}, PruningValueError, "amount"),
+        ({"pattern": "2:5", "modules": ["0"]}, PruningValueError, "'0'.*12 inputs, not a multiple of 5"),
+        ({"pattern": "4:2"}, PruningValueError, "0 < N < M"),
+        ({"modules": ["nope"]}, PruningValueError, "no submodule 'nope'"),
+        ({"modules": [nn.Linear(2, 2)]}, PruningTypeError, "submodules of the model"),
+        ({"modules": ["1"]}, PruningTypeError, "'1' is a ReLU"),
+        ({"data": None, "method": "wanda"}, PruningValueError, "needs calibration data"),
+        (
+            {"data": {"0": LayerStats.empty(12)}, "method": "sparsegpt", "modules": ["0"]},
+            PruningValueError,
+            "X\\^T X",
+        ),
+    ]
+    for kwargs, error, match in cases:
+        args = {"data": data, "amount": 0.5, "progress": False} | kwargs
+        with pytest.raises(error, match=match):
+            prune_unstructured(model, args.pop("data"), args.pop("amount"), **args)
+        assert _same_state(model, state) and not hasattr(model[0], "weight_mask")
+
+
+def test_a_failure_part_way_puts_every_layer_back():
+    model, data = _mlp(), _data()
+    prune.l1_unstructured(model[2], "weight", amount=0.25)
+    state = _state(model)
+    calls = {"n": 0}
+
+    def forward(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 5:  # fails once the second stage runs: the first is pruned by then
+            raise RuntimeError("out of memory")
+        return m(batch)
+
+    with pytest.raises(PruningValueError, match="batch .*RuntimeError: out of memory"):
+        prune_unstructured(
+            model, data, 0.5, method="sparsegpt", modules=["0", "2"], forward=forward, progress=False
+        )
+    assert _same_state(model, state)
+    assert not hasattr(model[0], "weight_orig") and isinstance(model[0].weight, nn.Parameter)
