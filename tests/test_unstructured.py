@@ -243,3 +243,59 @@ def test_a_failure_part_way_puts_every_layer_back():
         )
     assert _same_state(model, state)
     assert not hasattr(model[0], "weight_orig") and isinstance(model[0].weight, nn.Parameter)
+
+
+def test_chained_blocks_are_fed_directly_with_the_same_result(monkeypatch):
+    """BERT's layers are chained, so each block is fed the pruned output of the one before instead of
+    running the whole model again; both ways give the same masks and weights."""
+    from masksparse.criteria import _blocks, calibration
+
+    model, data = _bert(), _bert_batches()
+    children = list(model.encoder.layer)
+    inputs = _blocks.capture(model, children, data[0], lambda m, b: m(**b), stop_after=False)
+    assert _blocks.find_chain(children, inputs) is not None
+    whole = copy.deepcopy(model)
+    prune_unstructured(model, data, 0.5, method="sparsegpt", progress=False)
+    monkeypatch.setattr(calibration, "_chain", lambda *args: None)
+    prune_unstructured(whole, data, 0.5, method="sparsegpt", progress=False)
+    for (name, a), b in zip(model.named_modules(), whole.modules(), strict=True):
+        if isinstance(a, nn.Linear):
+            assert torch.equal(a.weight_mask, b.weight_mask), name
+            assert torch.allclose(a.weight_orig, b.weight_orig, atol=1e-5), name
+
+
+class _Doubling(nn.Module):
+    """Blocks that are not chained: each gets twice what the one before gave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x) * 2
+        return x
+
+
+def test_blocks_that_are_not_chained_are_fed_through_the_whole_model():
+    from masksparse.criteria import _blocks
+
+    torch.manual_seed(0)
+    model, data = _Doubling(), _data(width=8)
+    children = list(model.blocks)
+    assert (
+        _blocks.find_chain(
+            children, _blocks.capture(model, children, data[0], nn.Module.__call__, stop_after=False)
+        )
+        is None
+    )
+    by_hand = copy.deepcopy(model)
+    prune_unstructured(
+        model, data, 0.5, method="sparsegpt", modules=[f"blocks.{i}.0" for i in range(3)], progress=False
+    )
+    for i in range(3):
+        name = f"blocks.{i}.0"
+        stats = calibrate(by_hand, data, [name], hessian=True)
+        prune_unstructured(by_hand, stats, 0.5, method="sparsegpt", modules=[name], progress=False)
+    for i in range(3):
+        assert torch.equal(model.blocks[i][0].weight_mask, by_hand.blocks[i][0].weight_mask)

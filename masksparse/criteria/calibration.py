@@ -17,6 +17,7 @@ are left out of the statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from masksparse._errors import PruningTypeError, PruningValueError
 from masksparse._feed import Forward, LossFn, batches, run_batch
+from masksparse.criteria._blocks import BlockInput, Chain, capture, find_chain
 
 __all__ = ["LayerStats", "calibrate", "find_blocks", "sequential"]
 
@@ -151,9 +153,13 @@ def _feed(model: nn.Module, batch: Any, i: int, loss_fn: LossFn | None, forward:
     except _StageDone:
         pass
     except Exception as exc:  # the user's model or data: say which batch, keep the cause
-        raise PruningValueError(
-            f"calibration batch {i} could not be fed to {type(model).__name__}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _batch_error(i, model, exc) from exc
+
+
+def _batch_error(i: int, module: nn.Module, exc: Exception) -> PruningValueError:
+    return PruningValueError(
+        f"calibration batch {i} could not be fed to {type(module).__name__}: {type(exc).__name__}: {exc}"
+    )
 
 
 def _hooks(model: nn.Module, names: Iterable[str], stop: str | None, make: Callable[[str], Any]) -> list[Any]:
@@ -163,25 +169,47 @@ def _hooks(model: nn.Module, names: Iterable[str], stop: str | None, make: Calla
     return handles
 
 
+Run = tuple[torch.Tensor | None, Callable[[], None]]  # a batch's token mask, and what feeds it
+
+
+def _batch_runs(
+    model: nn.Module, data: Iterable[Any], loss_fn: LossFn | None, forward: Forward | None
+) -> list[Run]:
+    return [
+        (_token_mask(batch), functools.partial(_feed, model, batch, i, loss_fn, forward))
+        for i, batch in enumerate(batches(data))
+    ]
+
+
+def _block_runs(block: nn.Module, inputs: Sequence[BlockInput]) -> list[Run]:
+    def feed(item: BlockInput, i: int) -> None:
+        try:
+            item.run(block)
+        except _StageDone:
+            pass
+        except Exception as exc:  # the user's model: say which batch, keep the cause
+            raise _batch_error(i, block, exc) from exc
+
+    return [(item.token_mask, functools.partial(feed, item, i)) for i, item in enumerate(inputs)]
+
+
 def _run_pass(
     model: nn.Module,
-    data: Iterable[Any],
+    runs: Sequence[Run],
     names: Sequence[str],
     stop: str | None,
     *,
     hessian: bool,
     dtype: torch.dtype,
-    loss_fn: LossFn | None,
-    forward: Forward | None,
     bar: Any,
 ) -> dict[str, LayerStats]:
     state = _Pass({}, hessian, dtype)
     handles = _hooks(model, names, stop, state.hook)
     try:
         with torch.no_grad():
-            for i, batch in enumerate(batches(data)):
-                state.token_mask = _token_mask(batch)
-                _feed(model, batch, i, loss_fn, forward)
+            for token_mask, run in runs:
+                state.token_mask = token_mask
+                run()
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -230,10 +258,8 @@ def calibrate(
         (['0', '2'], 16, (3, 3))
     """
     chosen = resolve_layers(model, modules, "calibrate")
-    return _run_pass(
-        model, data, list(chosen), None, hessian=hessian, dtype=dtype, loss_fn=loss_fn, forward=forward,
-        bar=None,
-    )  # fmt: skip
+    runs = _batch_runs(model, data, loss_fn, forward)
+    return _run_pass(model, runs, list(chosen), None, hessian=hessian, dtype=dtype, bar=None)
 
 
 def resolve_layers(
@@ -355,20 +381,69 @@ def sequential(
     elif blocks is not None and blocks is not False and not isinstance(blocks, str):
         raise PruningTypeError(f"blocks must be True, False, None or a module path, got {blocks!r}")
     plan = stages(model, first, modules, blocks or None, loss_fn=loss_fn, forward=forward)
+    children = list(model.get_submodule(blocks).children()) if blocks else []
+    chain = _chain(model, children, first, loss_fn, forward) if children else None
     bar = _progress_bar(progress, len(plan) * len(data))
+    cached: tuple[int, list[BlockInput]] | None = None  # the next block's index and inputs
     try:
         for names, stop in plan:
             if bar is not None:
                 bar.set_description(names[0] if len(names) == 1 else names[0].rsplit(".", 1)[0])
-            stats = _run_pass(
-                model, data, names, stop, hessian=hessian, dtype=dtype, loss_fn=loss_fn, forward=forward,
-                bar=bar,
-            )  # fmt: skip
-            process(stats)
-            del stats
+            child = _child_index(blocks, stop, len(children))
+            if chain is None or child is None:
+                cached = None
+                runs = _batch_runs(model, data, loss_fn, forward)
+                process(_run_pass(model, runs, names, stop, hessian=hessian, dtype=dtype, bar=bar))
+                continue
+            block = children[child]
+            if cached is None or cached[0] != child:
+                cached = (child, _inputs_of(model, block, data, loss_fn, forward))
+            runs = _block_runs(block, cached[1])
+            process(_run_pass(model, runs, names, None, hessian=hessian, dtype=dtype, bar=bar))
+            with torch.no_grad():
+                cached = (child + 1, [chain.next_input(item, item.run(block)) for item in cached[1]])
     finally:
         if bar is not None:
             bar.close()
+
+
+def _child_index(blocks: str | None | bool, stop: str, count: int) -> int | None:
+    if not isinstance(blocks, str) or not stop.startswith(blocks + "."):
+        return None
+    tail = stop[len(blocks) + 1 :]
+    return int(tail) if tail.isdigit() and int(tail) < count else None
+
+
+def _chain(
+    model: nn.Module, children: list[nn.Module], batch: Any, loss_fn: LossFn | None, forward: Forward | None
+) -> Chain | None:
+    def feed(m: nn.Module, b: Any) -> None:
+        run_batch(m, b, loss_fn=loss_fn, forward=forward)
+
+    try:
+        return find_chain(children, capture(model, children, batch, feed, stop_after=False))
+    except Exception:  # a model whose blocks cannot be run alone is fed whole: always correct
+        return None
+
+
+def _inputs_of(
+    model: nn.Module, block: nn.Module, data: Sequence[Any], loss_fn: LossFn | None, forward: Forward | None
+) -> list[BlockInput]:
+    out = []
+    for i, batch in enumerate(data):
+        try:
+            (item,) = capture(
+                model, [block], batch, functools.partial(_feed_raw, loss_fn, forward), stop_after=True
+            )
+        except Exception as exc:  # the user's model or data: say which batch, keep the cause
+            raise _batch_error(i, model, exc) from exc
+        item.token_mask = _token_mask(batch)
+        out.append(item)
+    return out
+
+
+def _feed_raw(loss_fn: LossFn | None, forward: Forward | None, model: nn.Module, batch: Any) -> None:
+    run_batch(model, batch, loss_fn=loss_fn, forward=forward)
 
 
 def _progress_bar(progress: bool, total: int) -> Any:
