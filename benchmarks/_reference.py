@@ -11,6 +11,7 @@ mask chosen per block by ``w^2 / d^2`` with a sorted threshold, N:M chosen every
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -75,7 +76,10 @@ class _SparseGPT:
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 if prunen != 0 and i % prunem == 0:
-                    tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
+                    tmp = (
+                        W1[:, i : (i + prunem)] ** 2
+                        / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
+                    )
                     mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
                 q = w.clone()
                 q[mask1[:, i]] = 0
@@ -127,17 +131,15 @@ def prune_bert(model: nn.Module, batches: list[dict], method: str, sparsity: flo
     first = layers[0]
     layers[0] = _Catcher(first, store)
     for batch in batches:
-        try:
+        with contextlib.suppress(ValueError):
             model(**batch)
-        except ValueError:
-            pass
     layers[0] = first
     inps = [(args, kwargs) for args, kwargs in store]
     for block in layers:
         subset = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         wrapped = {n: (_SparseGPT if method == "sparsegpt" else _Wanda)(m) for n, m in subset.items()}
         handles = [
-            m.register_forward_hook(lambda _m, inp, _out, n=n: wrapped[n].add_batch(inp[0].data))
+            m.register_forward_hook(lambda _m, inp, _out, w=wrapped[n]: w.add_batch(inp[0].data))
             for n, m in subset.items()
         ]
         for args, kwargs in inps:

@@ -9,12 +9,14 @@ the same calibration batches. Seconds are wall-clock for the pruning call alone.
 
     python benchmarks/unstructured.py                   # 30%, 50%, 2:4; 128 calibration sentences
     python benchmarks/unstructured.py --calibration 256 --settings 0.5
+    python benchmarks/unstructured.py --scaling        # seconds and peak memory vs width, Linear stacks
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -24,6 +26,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _harness  # noqa: E402
 import _minilm  # noqa: E402
 import _reference  # noqa: E402
 
@@ -34,6 +37,64 @@ def _setting(text: str) -> tuple[float, str | None]:
     return (0.5, text) if ":" in text else (float(text), None)
 
 
+def _stack(width: int, depth: int = 2) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 8))
+
+
+def _reference_stack(model: torch.nn.Sequential, data: list[torch.Tensor], method: str) -> None:
+    """The reference per-layer classes, layer after layer, each fed the pruned layers' outputs."""
+    with torch.no_grad():
+        xs = list(data)
+        for layer in model[:-1]:
+            if isinstance(layer, torch.nn.Linear):
+                wrapped = (_reference._SparseGPT if method == "sparsegpt" else _reference._Wanda)(layer)
+                for x in xs:
+                    wrapped.add_batch(x)
+                wrapped.fasterprune(0.5) if method == "sparsegpt" else wrapped.prune(0.5)
+            xs = [layer(x) for x in xs]
+
+
+def scaling(widths: list[int], repeats: int) -> None:
+    """Seconds (median of ``repeats``) and peak RSS growth for 50% on a stack of two d x d Linears,
+    calibrated on 4 batches of 512 rows, masksparse beside the reference, each in a fresh process."""
+    rows = []
+    for width in widths:
+        for method in ("wanda", "sparsegpt"):
+            row: list[object] = [width, method]
+            for impl in ("masksparse", "reference"):
+                out = _harness.run_worker(
+                    __file__, {"width": width, "method": method, "impl": impl, "repeats": repeats}
+                )
+                row += [f"{out['seconds']:.2f}", f"{out['peak_mib']:.0f}"]
+            rows.append(row)
+            print(*rows[-1], flush=True)
+    headers = ["d", "method", "masksparse s", "peak MiB", "reference s", "peak MiB"]
+    print(tabulate(rows, headers=headers))
+
+
+def worker(opts: dict) -> dict:
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(512, opts["width"], generator=g) for _ in range(4)]
+    times, peak = [], 0
+    for _ in range(opts["repeats"]):
+        model = _stack(opts["width"])
+        _harness.trim_malloc()
+        base = _harness.rss_bytes()
+        _harness.reset_peak_rss()
+        start = time.perf_counter()
+        if opts["impl"] == "masksparse":
+            prune_unstructured(model, data, 0.5, method=opts["method"], progress=False)
+        else:
+            _reference_stack(model, data, opts["method"])
+        times.append(time.perf_counter() - start)
+        peak = max(peak, _harness.peak_rss_bytes() - base)
+    return {"seconds": _harness.median(times), "peak_mib": peak / _harness.MIB}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="0.3,0.5,2:4")
@@ -41,7 +102,17 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--scaling", action="store_true", help="time vs width on Linear stacks instead")
+    parser.add_argument("--widths", default="512,1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.scaling:
+        scaling([int(w) for w in args.widths.split(",")], args.repeats)
+        return
     torch.manual_seed(0)
     dense, tok = _minilm.load()
     calib = _minilm.batches(tok, _minilm.sentences("calibration", args.calibration), args.batch_size)
