@@ -35,6 +35,7 @@ from masksparse.criteria import LayerStats, calibrate
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
+from masksparse.schedule import GradualPruner, PruningStep
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 from masksparse.structured import prune_channels
 from masksparse.unstructured import prune_unstructured
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompactMultiheadAttention",
     "CompactionError",
+    "GradualPruner",
     "Graph",
     "InexactCompactionWarning",
     "KeptUnitsWarning",
@@ -53,6 +55,7 @@ __all__ = [
     "MissingDependencyError",
     "Plan",
     "PruningAttributeError",
+    "PruningStep",
     "PruningIndexError",
     "PruningTypeError",
     "PruningValueError",

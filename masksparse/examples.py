@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 import torch
@@ -153,6 +153,7 @@ def train(
     batch_size: int = 32,
     seed: int = 0,
     threads: int | None = 1,
+    on_step: Callable[[], object] | None = None,
 ) -> list[float]:
     """Train a classifier with Adam and cross-entropy; pruned models train as they are.
 
@@ -177,6 +178,7 @@ def train(
         threads: Intra-op threads while training, restored after; ``None`` keeps torch's setting. One by
             default: LeNet's layers are too small to gain from more, and on a busy machine extra threads
             that wait on each other make training many times slower.
+        on_step: Called after every optimizer step, e.g. a :class:`masksparse.GradualPruner`'s ``step``.
 
     Returns:
         The mean training loss of each epoch.
@@ -196,6 +198,8 @@ def train(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                if on_step is not None:
+                    on_step()
                 total += loss.item() * len(labels)
                 count += len(labels)
             losses.append(total / count)

@@ -3,7 +3,7 @@
 import pytest
 
 from masksparse._errors import MaskSparseError
-from masksparse._schedules import constant, cubic, linear
+from masksparse.schedule.curves import constant, cubic, linear
 
 
 @pytest.mark.parametrize("fn", [cubic, linear])

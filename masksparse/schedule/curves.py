@@ -1,4 +1,5 @@
-"""Sparsity schedules for pruning during training (issue 10, item 1; pruner not yet built).
+"""Sparsity schedules: the fraction of weights pruned at each training step, for
+:class:`masksparse.GradualPruner`.
 
 A schedule maps a step to the target fraction of pruned weights. ``cubic`` is Zhu & Gupta (2017):
 ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (end - t0)) ** 3``, clamped to ``[begin, end]``.
@@ -7,6 +8,8 @@ A schedule maps a step to the target fraction of pruned weights. ``cubic`` is Zh
 from __future__ import annotations
 
 from masksparse._errors import PruningValueError
+
+__all__ = ["constant", "cubic", "linear"]
 
 
 def _check(target: float, begin: int, end: int, initial: float) -> None:

@@ -1,0 +1,245 @@
+"""Pruning while training: :class:`GradualPruner` raises sparsity on a schedule as the model trains.
+
+Like a learning-rate scheduler, the pruner is an object whose :meth:`~GradualPruner.step` is called after
+each ``optimizer.step()``; on the steps its schedule names it prunes the chosen weights up to the
+schedule's fraction, counted against their original sizes, and the training in between lets the
+model recover. Masks are ordinary ``weight_orig`` / ``weight_mask`` pruning narrowed in place (one bool
+mask per tensor however many steps), so masked weights get zero gradient and stay zero, and
+the model's state_dict holds them; :meth:`~GradualPruner.state_dict` holds the rest (the step count and
+the history), so a resumed run continues the schedule exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse.prune.functional import narrow
+from masksparse.prune.select import MagnitudeScores, select_smallest
+from masksparse.schedule import curves
+from masksparse.unstructured import METHODS, prune_unstructured
+
+__all__ = ["GradualPruner", "PruningStep"]
+
+_CURVES: dict[str, Callable[..., float]] = {
+    "cubic": curves.cubic,
+    "linear": curves.linear,
+    "constant": curves.constant,
+}
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class PruningStep(NamedTuple):
+    """One pruning step of a :class:`GradualPruner`: the step, the schedule's target, what was reached."""
+
+    step: int
+    target: float
+    reached: float
+
+
+def _int(value: Any, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PruningValueError(f"GradualPruner: {what} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _layers(model: nn.Module, modules: Sequence[nn.Module | str] | None) -> dict[str, nn.Module]:
+    by_id = {id(m): n for n, m in model.named_modules()}
+    if modules is None:
+        found: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+        getter = getattr(model, "get_output_embeddings", None)
+        out = getter() if callable(getter) else (list(found.values())[-1] if len(found) > 1 else None)
+        found = {n: m for n, m in found.items() if m is not out}
+        if not found:
+            raise PruningValueError(f"GradualPruner: {type(model).__name__} has no Linear or Conv layer")
+        return found
+    chosen: dict[str, nn.Module] = {}
+    for item in modules:
+        path = item if isinstance(item, str) else by_id.get(id(item))
+        if path is None:
+            raise PruningTypeError(
+                "GradualPruner: modules must be submodules of the model or their paths, got "
+                f"{type(item).__name__}"
+            )
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            raise PruningValueError(f"GradualPruner: the model has no submodule {path!r}") from exc
+        if not isinstance(module, _LAYERS):
+            raise PruningTypeError(
+                f"GradualPruner: {path!r} is a {type(module).__name__}, not a Linear or Conv"
+            )
+        chosen[path] = module
+    if not chosen:
+        raise PruningValueError("GradualPruner: modules is empty")
+    return chosen
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # the layers are Linear or Conv, checked by _layers
+    return weight
+
+
+def _kept(module: nn.Module) -> torch.Tensor | None:
+    """The bool mask of entries still unpruned, or None when the weight is not pruned."""
+    mask = module._buffers.get("weight_mask") if "weight_orig" in module._parameters else None
+    return None if mask is None else mask.bool() if mask.dtype == torch.bool else mask != 0
+
+
+class GradualPruner:
+    """Prune ``model`` gradually to ``target`` between steps ``begin`` and ``end``.
+
+    Args:
+        model: pruned in place (torch-style masks, narrowed at each pruning step).
+        target: the final fraction of the chosen weights pruned, in [0, 1), counted against their
+            original sizes.
+        begin, end: the first and last step the schedule moves on (``begin <= end``).
+        every: prune every this many steps between ``begin`` and ``end`` (and always at ``end``).
+        schedule: ``"cubic"`` (Zhu & Gupta, 2017: fast first, then slower), ``"linear"``,
+            ``"constant"``, or ``fn(step) -> fraction``.
+        initial: the schedule's fraction at ``begin``.
+        modules: the layers whose weights are pruned (modules or paths); by default every Linear and
+            Conv but the output layer.
+        method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two calibrate on ``data``
+            at every pruning step; see :func:`masksparse.prune_unstructured`).
+        scope: ``"global"`` ranks the weights of all chosen layers together (magnitude only);
+            ``"layer"`` prunes each layer to the schedule's fraction.
+        data: calibration batches for the data-driven methods.
+        **options: passed on to :func:`masksparse.prune_unstructured` (``pattern``, ``percdamp``...).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse import GradualPruner
+        >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pruner = GradualPruner(model, 0.75, begin=0, end=8, every=2)
+        >>> for step in range(10):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(8, 16)).square().mean().backward()
+        ...     opt.step()
+        ...     _ = pruner.step()
+        >>> pruner.sparsity, [round(h.target, 2) for h in pruner.history]
+        (0.75, [0.43, 0.66, 0.74, 0.75])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: float,
+        *,
+        begin: int = 0,
+        end: int,
+        every: int = 1,
+        schedule: str | Callable[[int], float] = "cubic",
+        initial: float = 0.0,
+        modules: Sequence[nn.Module | str] | None = None,
+        method: str = "magnitude",
+        scope: str = "global",
+        data: Iterable[Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.begin, self.end = _int(begin, "begin", 0), _int(end, "end", 0)
+        self.every = _int(every, "every", 1)
+        if begin > end:
+            raise PruningValueError(f"GradualPruner: begin={begin} is after end={end}")
+        for name, value in (("target", target), ("initial", initial)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise PruningValueError(f"GradualPruner: {name} must be a fraction in [0, 1), got {value!r}")
+        if not callable(schedule) and schedule not in _CURVES:
+            raise PruningValueError(
+                f"GradualPruner: schedule must be one of {', '.join(_CURVES)} or fn(step) -> fraction, "
+                f"got {schedule!r}"
+            )
+        if method not in METHODS:
+            raise PruningValueError(
+                f"GradualPruner: method must be one of {', '.join(METHODS)}; got {method!r}"
+            )
+        if scope not in ("global", "layer"):
+            raise PruningValueError(f"GradualPruner: scope must be 'global' or 'layer', got {scope!r}")
+        if scope == "global" and method != "magnitude":
+            raise PruningValueError(f"GradualPruner: {method} ranks within each layer; use scope='layer'")
+        if method != "magnitude" and data is None:
+            raise PruningValueError(f"GradualPruner: method {method!r} needs calibration data (data=...)")
+        self.model, self.target, self.initial = model, float(target), float(initial)
+        self.schedule, self.method, self.scope = schedule, method, scope
+        self.data = list(data) if data is not None else None
+        self.options = options
+        self.layers = _layers(model, modules)
+        self.steps_taken = 0
+        self.history: list[PruningStep] = []
+
+    def fraction_at(self, step: int) -> float:
+        """The schedule's target fraction at ``step``."""
+        if callable(self.schedule):
+            value = self.schedule(step)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise PruningValueError(
+                    f"GradualPruner: schedule({step}) gave {value!r}, not a fraction in [0, 1)"
+                )
+            return float(value)
+        return _CURVES[self.schedule](step, self.target, self.begin, self.end, self.initial)
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a pruning step."""
+        return self.begin <= step <= self.end and ((step - self.begin) % self.every == 0 or step == self.end)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the chosen weights pruned now (masked entries over original sizes)."""
+        total = sum(_weight(m).numel() for m in self.layers.values())
+        return self._pruned() / total
+
+    def _pruned(self) -> int:
+        return sum(int((~kept).sum()) for m in self.layers.values() if (kept := _kept(m)) is not None)
+
+    def step(self) -> PruningStep | None:
+        """Advance one step (call it after ``optimizer.step()``); prune when the schedule says so.
+        Returns the :class:`PruningStep` taken, or None."""
+        self.steps_taken += 1
+        if not self.due(self.steps_taken):
+            return None
+        return self.prune_to(self.fraction_at(self.steps_taken))
+
+    def prune_to(self, fraction: float) -> PruningStep:
+        """Prune the chosen weights up to ``fraction`` now (never un-pruning anything)."""
+        if self.scope == "global":
+            self._global_magnitude(fraction)
+        else:
+            prune_unstructured(
+                self.model, self.data, fraction, method=self.method, modules=list(self.layers),
+                progress=False, **self.options,
+            )  # fmt: skip
+        record = PruningStep(self.steps_taken, fraction, self.sparsity)
+        self.history.append(record)
+        return record
+
+    def _global_magnitude(self, fraction: float) -> None:
+        layers = list(self.layers.values())
+        total = sum(_weight(m).numel() for m in layers)
+        k = round(fraction * total) - self._pruned()
+        if k <= 0:
+            return
+        with torch.no_grad():
+            scores = [MagnitudeScores(_weight(m).detach()) for m in layers]
+            chosen = select_smallest(scores, [_kept(m) for m in layers], k)
+        for module, drop in zip(layers, chosen, strict=True):
+            if drop.any() or _kept(module) is None:
+                narrow(module, "weight", ~drop.to(_weight(module).device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and history (the masks are in the model's own state_dict)."""
+        return {"steps_taken": self.steps_taken, "history": [tuple(h) for h in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output."""
+        missing = {"steps_taken", "history"} - set(state)
+        if missing:
+            raise PruningValueError(f"GradualPruner.load_state_dict: missing {sorted(missing)}")
+        self.steps_taken = _int(state["steps_taken"], "steps_taken", 0)
+        self.history = [PruningStep(*h) for h in state["history"]]

@@ -1,0 +1,149 @@
+"""GradualPruner: follows its schedule exactly, counts against original sizes, keeps one mask per
+tensor, trains with masks held, resumes exactly from state_dicts, and rejects bad settings up front."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import masksparse
+from masksparse import GradualPruner, PruningTypeError, PruningValueError
+from masksparse.schedule import curves
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _train(
+    model: nn.Module, pruner: GradualPruner, steps: int, seed: int = 0, opt=None
+) -> torch.optim.Optimizer:
+    g = torch.Generator().manual_seed(seed)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+    return opt
+
+
+def test_global_magnitude_follows_the_cubic_schedule_exactly():
+    model = _mlp()
+    pruner = GradualPruner(model, 0.8, begin=2, end=12, every=3)
+    _train(model, pruner, 15)
+    total = 12 * 32 + 32 * 16
+    steps = [h.step for h in pruner.history]
+    assert steps == [2, 5, 8, 11, 12]
+    for h in pruner.history:
+        assert h.target == pytest.approx(curves.cubic(h.step, 0.8, 2, 12))
+        assert h.reached == round(h.target * total) / total
+    assert pruner.sparsity == pytest.approx(0.8, abs=1 / total)
+    assert not hasattr(model[4], "weight_mask")  # the output layer is left alone by default
+
+
+def test_masks_only_grow_and_masked_weights_stay_zero_while_training():
+    model = _mlp()
+    pruner = GradualPruner(model, 0.7, begin=0, end=10, every=2, schedule="linear")
+    seen = None
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(12):
+        opt.zero_grad()
+        model(torch.randn(8, 12, generator=g)).square().mean().backward()
+        opt.step()
+        pruner.step()
+        mask = getattr(model[0], "weight_mask", None)
+        if mask is not None:
+            assert seen is None or not (mask & ~seen).any()
+            assert torch.all(model[0].weight[~mask] == 0)
+            seen = mask.clone()
+    for layer in (model[0], model[2]):
+        (hook,) = layer._forward_pre_hooks.values()
+        assert getattr(hook, "mask", layer.weight_mask) is layer.weight_mask  # one mask, no containers
+        assert [n for n, _ in layer.named_buffers()] == ["weight_mask"]
+
+
+def test_layer_scope_prunes_every_layer_to_the_fraction():
+    model = _mlp()
+    pruner = GradualPruner(model, 0.5, begin=0, end=4, scope="layer", schedule="constant")
+    _train(model, pruner, 4)
+    assert [float((~m.weight_mask).float().mean()) for m in (model[0], model[2])] == [0.5, 0.5]
+
+
+def test_a_callable_schedule_and_data_driven_methods():
+    model = _mlp()
+    data = [torch.randn(32, 12) for _ in range(2)]
+    pruner = GradualPruner(
+        model,
+        0.6,
+        end=4,
+        every=2,
+        schedule=lambda step: 0.15 * step,
+        method="wanda",
+        scope="layer",
+        data=data,
+    )
+    _train(model, pruner, 4)
+    assert [h.target for h in pruner.history] == pytest.approx([0.3, 0.6])  # steps 2 and 4
+    assert float((~model[0].weight_mask).float().mean()) == pytest.approx(0.6, abs=1 / 12)
+
+
+def test_resuming_from_state_dicts_continues_exactly():
+    """Ten steps, save, rebuild from a fresh model, ten more: the same masks and history as twenty."""
+    straight = _mlp()
+    p = GradualPruner(straight, 0.9, begin=0, end=16, every=4)
+    opt = _train(straight, p, 10)
+    _train(straight, p, 10, seed=1, opt=opt)
+
+    first = _mlp()
+    p1 = GradualPruner(first, 0.9, begin=0, end=16, every=4)
+    opt1 = _train(first, p1, 10)
+    saved = (copy.deepcopy(first.state_dict()), copy.deepcopy(opt1.state_dict()), p1.state_dict())
+
+    resumed = _mlp(seed=7)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)  # before the masks: same order
+    masksparse.load_state_dict(resumed, saved[0])
+    opt2.load_state_dict(saved[1])
+    p2 = GradualPruner(resumed, 0.9, begin=0, end=16, every=4)
+    p2.load_state_dict(saved[2])
+    _train(resumed, p2, 10, seed=1, opt=opt2)
+    assert p2.history == p.history
+    for a, b in ((straight[0], resumed[0]), (straight[2], resumed[2])):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+        assert torch.allclose(a.weight, b.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"begin": 5, "end": 2}, PruningValueError, "begin=5 is after end=2"),
+        ({"every": 0}, PruningValueError, "every must be an int >= 1"),
+        ({"target": 1.0}, PruningValueError, "target must be a fraction"),
+        ({"schedule": "exponential"}, PruningValueError, "schedule must be one of"),
+        ({"method": "wanda"}, PruningValueError, "ranks within each layer"),
+        ({"method": "wanda", "scope": "layer"}, PruningValueError, "needs calibration data"),
+        ({"modules": ["1"]}, PruningTypeError, "'1' is a ReLU"),
+        ({"modules": ["nope"]}, PruningValueError, "no submodule 'nope'"),
+        ({"scope": "row"}, PruningValueError, "scope must be"),
+    ],
+)
+def test_bad_settings_are_rejected_before_anything_changes(kwargs, error, match):
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    args = {"target": 0.5, "end": 10} | kwargs
+    with pytest.raises(error, match=match):
+        GradualPruner(model, args.pop("target"), **args)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_a_schedule_that_leaves_the_unit_interval_is_reported():
+    model = _mlp()
+    pruner = GradualPruner(model, 0.5, end=3, schedule=lambda step: 2.0)
+    with pytest.raises(PruningValueError, match=r"schedule\(1\) gave 2.0"):
+        pruner.step()
