@@ -184,7 +184,7 @@ def _prune_layer(module: nn.Module, stats: LayerStats | None, amount: float, opt
     if new is not None:
         with torch.no_grad():
             orig = _tensor(module, "weight_orig")
-            orig.copy_(torch.where(keep, new.to(orig.dtype), orig))
+            orig.mul_(~keep).add_(new.to(orig.dtype))  # new where kept (it is zero elsewhere)
             if new_bias is not None:
                 _tensor(module, "bias").copy_(new_bias)
 
@@ -306,10 +306,11 @@ def prune_unstructured(
     if data is None and method != "magnitude":
         raise PruningValueError(f"method {method!r} needs calibration data; only 'magnitude' works without")
     _check_layers(chosen, opts.pattern, given, method)
-    undo = [_Undo.of(m, keep_weights=method == "sparsegpt") for m in chosen.values()]
+    undo: list[_Undo] = []  # each layer as it was, taken just before it is written
 
     def process(stats: Mapping[str, LayerStats | None]) -> None:
         for name, layer_stats in stats.items():
+            undo.append(_Undo.of(chosen[name], keep_weights=method == "sparsegpt"))
             _prune_layer(chosen[name], layer_stats, per_layer[name], opts)
 
     try:

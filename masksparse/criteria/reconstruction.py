@@ -18,17 +18,23 @@ from masksparse._errors import PruningValueError
 __all__ = ["sparsegpt"]
 
 
-def _inverse_factor(xtx: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The upper Cholesky factor of the damped inverse of ``xtx``, and the mask of dead columns."""
-    h = xtx.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    damp = percdamp * torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+def _inverse_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the damped inverse of ``h`` (which it overwrites: at most two more
+    matrices of its size live at once), and the mask of dead columns."""
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    damp = percdamp * diag.mean()
+    added = 0.0
     for attempt in range(5):  # near-singular X^T X: grow the damping until the factorisation succeeds
-        chol, info = torch.linalg.cholesky_ex(h + eye * damp * (10.0**attempt))
+        step = float(damp) * 10.0**attempt
+        diag += step - added
+        added = step
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return factor, dead
     raise PruningValueError(
@@ -85,37 +91,43 @@ def sparsegpt(
     if xtx.shape != (cols, cols):
         raise PruningValueError(f"SparseGPT: xtx has shape {tuple(xtx.shape)}, expected {(cols, cols)}")
     dtype = torch.float64 if xtx.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(dtype).clone()
-    h = xtx.to(dtype)
-    forced = torch.zeros_like(w, dtype=torch.bool) if pruned is None else pruned.to(w.device).clone()
-    if bias is not None:
-        if sums is None or rows <= 0:
-            raise PruningValueError("SparseGPT with a bias needs the inputs' column sums and row count")
-        s = sums.to(dtype).reshape(-1, 1)
-        n = torch.full((1, 1), float(rows), dtype=dtype, device=h.device)
-        h = torch.cat([torch.cat([h, s], 1), torch.cat([s.T, n], 1)], 0)
-        w = torch.cat([w, bias.detach().to(dtype).reshape(-1, 1)], 1)
-        forced = torch.cat([forced, torch.zeros(out, 1, dtype=torch.bool, device=w.device)], 1)
-    drop = _solve(w, h, amount, forced, pattern, blocksize, percdamp, cols)
+    if bias is not None and (sums is None or rows <= 0):
+        raise PruningValueError("SparseGPT with a bias needs the inputs' column sums and row count")
+    width = cols + (bias is not None)
+    # The problem in one buffer each (the bias, if any, as a last column whose input is always 1).
+    h = torch.empty(width, width, dtype=dtype, device=xtx.device)
+    h[:cols, :cols] = xtx
+    w = torch.empty(out, width, dtype=dtype, device=weight.device)
+    w[:, :cols] = weight.detach()
+    forced = torch.zeros(out, width, dtype=torch.bool, device=weight.device)
+    if pruned is not None:
+        forced[:, :cols] = pruned
+    if bias is not None and sums is not None:
+        h[:cols, cols] = h[cols, :cols] = sums
+        h[cols, cols] = float(rows)
+        w[:, cols] = bias.detach()
+    hinv, dead = _inverse_factor(h, percdamp)
+    del h
+    drop = _solve(w, hinv, dead, amount, forced, pattern, blocksize, cols)
     keep = ~drop[:, :cols]
     new_bias = w[:, cols].to(bias.dtype) if bias is not None else None
-    return (w[:, :cols] * keep).to(weight.dtype), keep, new_bias
+    return w[:, :cols].mul_(keep).to(weight.dtype), keep, new_bias
 
 
 def _solve(
     w: torch.Tensor,
-    h: torch.Tensor,
+    hinv: torch.Tensor,
+    dead: torch.Tensor,
     amount: float,
     forced: torch.Tensor,
     pattern: tuple[int, int] | None,
     blocksize: int,
-    percdamp: float,
     prunable: int,
 ) -> torch.Tensor:
-    """Prune the first ``prunable`` columns of ``w`` in place, updating every column; returns what
-    was dropped. Columns past ``prunable`` (the bias) are only updated."""
+    """Prune the first ``prunable`` columns of ``w`` in place, updating every column through ``hinv``
+    (the upper Cholesky factor of the damped inverse Hessian); returns what was dropped. Columns
+    past ``prunable`` (the bias) are only updated."""
     cols = w.shape[1]
-    hinv, dead = _inverse_factor(h, percdamp)
     w[:, dead] = 0
     drop = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
