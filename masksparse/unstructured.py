@@ -256,8 +256,9 @@ def prune_unstructured(
         blocks: the repeated blocks layers are calibrated in, one block at a time: True finds them
             (:func:`masksparse.criteria.find_blocks`), a path names them, None calibrates every layer
             on its own (still in the order they run).
-        loss_fn, forward: how batches are fed (see :mod:`masksparse._feed`); ``forward(model, batch)``
-            overrides everything.
+        loss_fn: with one, a batch ``(inputs, target)`` is fed as ``model(inputs)`` (the methods here use
+            the forward pass only; the loss is for criteria that need gradients).
+        forward: ``forward(model, batch)`` feeds a batch instead, overriding everything above.
         blocksize, percdamp: SparseGPT's column block and dampening (fraction of ``mean(diag(X^T X))``).
         update_bias: SparseGPT also refits the bias (an unpruned column whose input is 1), so it
             absorbs the mean shift the pruned weights leave; False updates the kept weights only, as

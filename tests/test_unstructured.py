@@ -299,3 +299,15 @@ def test_blocks_that_are_not_chained_are_fed_through_the_whole_model():
         prune_unstructured(by_hand, stats, 0.5, method="sparsegpt", modules=[name], progress=False)
     for i in range(3):
         assert torch.equal(model.blocks[i][0].weight_mask, by_hand.blocks[i][0].weight_mask)
+
+
+def test_input_target_batches_get_a_hint_and_work_with_a_loss_fn():
+    model = _mlp()
+    pairs = [(x, torch.zeros(len(x), dtype=torch.long)) for x in _data()]
+    with pytest.raises(PruningValueError, match=r"forward=lambda model, batch: model\(batch\[0\]\)"):
+        prune_unstructured(model, pairs, 0.5, progress=False)
+    assert not hasattr(model[0], "weight_mask")
+    prune_unstructured(model, pairs, 0.5, loss_fn=nn.functional.cross_entropy, progress=False)
+    expected = copy.deepcopy(_mlp())
+    prune_unstructured(expected, [x for x, _ in pairs], 0.5, progress=False)
+    assert torch.equal(model[0].weight_mask, expected[0].weight_mask)

@@ -1,13 +1,17 @@
 """Calibration: per-layer input statistics gathered with hooks while the model runs over data.
 
-:func:`calibrate` runs the dense model over every batch once and returns a :class:`LayerStats` per
-layer (input squared norms per column, and ``X^T X`` when asked). :func:`sequential` is what the pruning
-functions use: it walks the model's layers in the order they run, one *stage* at a time (a stage is
-the layers of one repeated block, or a layer outside any block), gathers the stage's statistics with
-everything before it already pruned, hands them to a callback that prunes the stage, and frees them.
-Each pass stops as soon as the stage has run, so memory is the statistics of one stage plus one batch
-of activations; the cost is that early blocks run again for every later stage (about ``L / 2`` passes
-over the data for ``L`` blocks).
+:func:`~masksparse.criteria.calibrate` runs the dense model over every batch once and returns a
+:class:`LayerStats` per layer (input sums and squared norms per column, and ``X^T X`` when asked).
+:func:`~masksparse.criteria.sequential` is what the pruning functions use: it walks the model's layers
+in the order they run, one *stage* at a time (a stage is the layers of one repeated block, or a layer
+outside any block), gathers the stage's statistics with everything before it already pruned, hands
+them to a callback that prunes the stage, and frees them.
+
+How a stage is fed: when the blocks are chained (each called with the previous one's output and
+otherwise the same arguments, checked on the first batch), block 0's inputs are captured once and each
+later block is fed the pruned outputs of the one before, as the papers' code does (about ``2 L`` block
+passes for ``L`` blocks; memory: one hidden state per batch). Otherwise every stage runs the whole
+model, stopping as soon as the stage has run (about ``L^2 / 2`` block passes; memory: one batch).
 
 Rows of a layer's input are tokens (every leading dimension is flattened). When a batch is a mapping
 with a 2-D ``attention_mask`` and a layer's input has the same two leading dimensions, padding tokens
@@ -156,6 +160,16 @@ def _feed(model: nn.Module, batch: Any, i: int, loss_fn: LossFn | None, forward:
         raise _batch_error(i, model, exc) from exc
 
 
+def _pair_hint(batch: Any, loss_fn: LossFn | None, forward: Forward | None) -> str:
+    """A hint for the commonest mistake: (inputs, target) batches fed without saying so."""
+    if loss_fn is None and forward is None and isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return (
+            " (a batch of two is fed as model(a, b); for (inputs, target) batches pass "
+            "forward=lambda model, batch: model(batch[0]), or a loss_fn)"
+        )
+    return ""
+
+
 def _batch_error(i: int, module: nn.Module, exc: Exception) -> PruningValueError:
     return PruningValueError(
         f"calibration batch {i} could not be fed to {type(module).__name__}: {type(exc).__name__}: {exc}"
@@ -243,7 +257,8 @@ def calibrate(
         modules: the ``nn.Linear`` layers (modules or paths); every ``nn.Linear`` when None.
         hessian: also gather ``X^T X`` (what SparseGPT needs; ``in_features**2`` numbers per layer).
         dtype: the accumulation dtype (``torch.float64`` for very long calibration runs).
-        loss_fn, forward: how a batch is fed, as in :func:`masksparse.prune_unstructured`.
+        loss_fn: with one, a batch ``(inputs, target)`` is fed as ``model(inputs)``.
+        forward: ``forward(model, batch)`` feeds a batch instead, overriding everything above.
 
     Returns:
         ``{path: LayerStats}``, which :func:`masksparse.prune_unstructured` accepts instead of data.
@@ -324,7 +339,7 @@ def _execution_order(
     except Exception as exc:
         raise PruningValueError(
             f"the first calibration batch could not be fed to {type(model).__name__}: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}{_pair_hint(batch, loss_fn, forward)}"
         ) from exc
     finally:
         for h in handles:

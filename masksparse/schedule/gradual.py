@@ -1,11 +1,11 @@
 """Pruning while training: :class:`GradualPruner` raises sparsity on a schedule as the model trains.
 
-Like a learning-rate scheduler, the pruner is an object whose :meth:`~GradualPruner.step` is called after
+Like a learning-rate scheduler, the pruner is an object whose ``step()`` is called after
 each ``optimizer.step()``; on the steps its schedule names it prunes the chosen weights up to the
 schedule's fraction, counted against their original sizes, and the training in between lets the
 model recover. Masks are ordinary ``weight_orig`` / ``weight_mask`` pruning narrowed in place (one bool
 mask per tensor however many steps), so masked weights get zero gradient and stay zero, and
-the model's state_dict holds them; :meth:`~GradualPruner.state_dict` holds the rest (the step count and
+the model's state_dict holds them; ``state_dict()`` holds the rest (the step count and
 the history), so a resumed run continues the schedule exactly.
 """
 
