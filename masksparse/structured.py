@@ -9,6 +9,7 @@ exactly what :func:`masksparse.compact` will make of it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueError
+from masksparse._feed import Forward, LossFn
+from masksparse.criteria.attribution import DATA_CRITERIA, gather
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
@@ -170,6 +173,44 @@ def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:
     )
 
 
+def _data_criterion(importance: Any, data: Any, has_loss: bool) -> tuple[Any, bool, bool] | None:
+    """``(score, reads inputs, reads gradients)`` for a data-driven importance, or None for the rest."""
+    if isinstance(importance, str) and importance in DATA_CRITERIA:
+        if data is None:
+            raise PruningValueError(f"importance={importance!r} is computed from data: pass data=[batches]")
+        return DATA_CRITERIA[importance]
+    if callable(importance) and not isinstance(importance, str) and _arity(importance) >= 3:
+        if data is None:
+            raise PruningValueError(
+                "an importance callable taking (group, model, attribution) needs calibration data: pass data="
+            )
+        return importance, True, has_loss  # gradients when there is a loss to take them of
+    if data is not None and isinstance(importance, str) and importance in ("l1", "l2", "bn_scale", "random"):
+        raise PruningValueError(
+            f"importance={importance!r} reads weights only and ignores data; use one of "
+            f"{', '.join(sorted(DATA_CRITERIA))} or drop data="
+        )
+    return None
+
+
+def _arity(fn: Any) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _checked(scores: Any, group: Group) -> torch.Tensor:
+    out = torch.as_tensor(scores, dtype=torch.float64).detach().flatten().cpu()
+    if out.numel() != group.size:
+        raise PruningValueError(
+            f"the importance returned {out.numel()} scores for a group of {group.size} units (first member "
+            f"{group.members[0].module}.{group.members[0].tensor}); it must return one score per unit"
+        )
+    return out
+
+
 def _target(amount: float | int, size: int) -> int:
     return round(amount * size) if isinstance(amount, float) else amount
 
@@ -265,6 +306,9 @@ def prune_channels(
     untouched_layers: Iterable[nn.Module | str] = (),
     round_to: int | None = None,
     allow_inexact: bool = False,
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    forward: Forward | None = None,
 ) -> nn.Module:
     """Mask the least important channels of every prunable group, on every tensor that owns them.
 
@@ -283,7 +327,11 @@ def prune_channels(
             counted against the original size: calling again with the same amount changes nothing,
             with a larger one prunes up to it. A group always keeps at least one unit.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or ``fn(group, model) -> scores``
-            (see :mod:`masksparse.importance`); the lowest scores are pruned.
+            (see :mod:`masksparse.importance`); with ``data``, also ``"activation"``, ``"apoz"``,
+            ``"taylor"`` (see :mod:`masksparse.criteria.attribution`) or
+            ``fn(group, model, attribution) -> scores`` (the attribution holds the consumers' input
+            statistics, and gradients when a ``loss_fn`` or ``forward`` is given). The lowest scores are
+            pruned.
         global_ranking: rank units across all groups at once (``amount`` then applies to the total);
             groups with their own entry in ``amounts`` are still ranked on their own.
         amounts: a module (or its path) -> amount for the groups of its output units (the groups
@@ -298,6 +346,11 @@ def prune_channels(
         allow_inexact: also prune groups blocked only because a normalisation reduces over them
             (see above). A GroupNorm needs a multiple of its groups: compaction keeps back as few
             masked channels as that takes.
+        data: calibration batches (a DataLoader, a list) for the data-driven importances; a mapping
+            batch is called ``model(**batch)``, a tuple positionally.
+        loss_fn: ``loss_fn(model(inputs), target)`` on ``(inputs, target)`` batches, for ``"taylor"``
+            (a Hugging Face model fed batches with labels needs none: its ``.loss`` is used).
+        forward: ``forward(model, batch)`` feeds a batch (and returns the loss, for ``"taylor"``).
 
     Returns:
         ``model``.
@@ -327,7 +380,8 @@ def prune_channels(
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
     check_allow_inexact(allow_inexact)
-    score = criterion(importance)
+    data_score = _data_criterion(importance, data, loss_fn is not None or forward is not None)
+    score = criterion(importance) if data_score is None else None
     per_module = {
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
     }
@@ -335,8 +389,24 @@ def prune_channels(
     untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
     graph = trace(model, example_inputs)
     cands = _candidates(model, graph, amount, per_module, ignored, untouched, allow_inexact)
-    for c in cands:
-        c.scores = score(c.group, model)
+    if data_score is not None:
+        fn, inputs, grads = data_score
+        assert data is not None  # _data_criterion asks for data
+        att = gather(
+            model,
+            data,
+            [c.group for c in cands],
+            inputs=inputs,
+            grads=grads,
+            loss_fn=loss_fn,
+            forward=forward,
+        )
+        for c in cands:
+            c.scores = _checked(fn(c.group, model, att), c.group)
+    else:
+        assert score is not None
+        for c in cands:
+            c.scores = score(c.group, model)
     own = [
         c
         for c in cands

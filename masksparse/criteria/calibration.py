@@ -39,9 +39,10 @@ _WITH_INPUTS = (nn.Linear,)
 
 @dataclasses.dataclass
 class LayerStats:
-    """What the calibration data showed one layer: ``rows`` input rows (tokens), the sum and the sum of
-    squares of every input column (``sums``, ``sq_norms``, shape ``(in_features,)``) and, when
-    gathered, ``xtx = X^T X`` (shape ``(in_features, in_features)``), all accumulated in ``dtype``.
+    """What the calibration data showed one layer: ``rows`` input rows (tokens; for a convolution,
+    every position of every image), the sum, the sum of squares and the number of exact zeros of every
+    input column (``sums``, ``sq_norms``, ``zeros``, shape ``(in_features,)`` or ``(in_channels,)``)
+    and, when gathered, ``xtx = X^T X`` (shape ``(in_features, in_features)``), all in ``dtype``.
 
     Example:
         >>> import torch
@@ -56,6 +57,7 @@ class LayerStats:
     sums: torch.Tensor
     sq_norms: torch.Tensor
     xtx: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
 
     @classmethod
     def empty(
@@ -64,7 +66,7 @@ class LayerStats:
         """Statistics of no rows yet, for inputs of ``width`` columns."""
         xtx = torch.zeros(width, width, dtype=dtype, device=device) if hessian else None
         zeros = torch.zeros(width, dtype=dtype, device=device)
-        return cls(0, zeros, zeros.clone(), xtx)
+        return cls(0, zeros, zeros.clone(), xtx, zeros.clone())
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate the rows of ``x`` (shape ``(rows, width)``)."""
@@ -72,6 +74,8 @@ class LayerStats:
         self.rows += x.shape[0]
         self.sums += x.sum(0)
         self.sq_norms += (x * x).sum(0)
+        if self.zeros is not None:
+            self.zeros += (x == 0).sum(0)
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
 
@@ -121,8 +125,10 @@ class _Pass:
     dtype: torch.dtype
     token_mask: torch.Tensor | None = None
 
-    def rows(self, args: tuple[Any, ...]) -> torch.Tensor:
+    def rows(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
         x = args[0]
+        if isinstance(module, nn.modules.conv._ConvNd) and x.dim() >= 2:  # one column per input channel
+            return x.detach().movedim(1, -1).reshape(-1, x.shape[1])
         mask = self.token_mask
         if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             x = x[mask.to(device=x.device)]
@@ -130,7 +136,7 @@ class _Pass:
 
     def hook(self, name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = self.rows(args)
+            x = self.rows(module, args)
             if name not in self.stats:
                 self.stats[name] = LayerStats.empty(
                     x.shape[-1], hessian=self.hessian, dtype=self.dtype, device=x.device

@@ -1,0 +1,122 @@
+"""Data-driven structured criteria (activation, APoZ, Taylor): the scores are the papers' definitions
+computed by hand, every group member contributes, the model and its gradients are left as they were,
+and the result still compacts exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import masksparse
+from masksparse import PruningValueError, prune_channels
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(3)]
+
+
+def _kept(model: nn.Sequential) -> torch.Tensor:
+    return model[0].weight_mask.any(1)
+
+
+def _expected(scores: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[scores.argsort()[:n]] = False
+    return keep
+
+
+def test_activation_is_consumer_weight_times_input_norm():
+    model, data = _mlp(), _batches()
+    h = torch.cat([torch.relu(model[0](x)) for x, _ in data])
+    scores = model[2].weight.detach().abs().sum(0) * h.norm(dim=0)
+    prune_channels(model, data[0][0], 0.5, importance="activation", data=[x for x, _ in data])
+    assert torch.equal(_kept(model), _expected(scores, 4))
+    assert torch.equal(model[2].weight_mask.any(0), _kept(model))  # the consumer's columns follow
+
+
+def test_apoz_prunes_the_units_most_often_zero():
+    model, data = _mlp(), _batches()
+    with torch.no_grad():  # make two hidden units mostly dead
+        model[0].bias[[1, 5]] -= 3.0
+    h = torch.cat([torch.relu(model[0](x)) for x, _ in data])
+    nonzero = (h != 0).double().mean(0)
+    prune_channels(model, data[0][0], 2, importance="apoz", data=[x for x, _ in data])
+    assert torch.equal(_kept(model), _expected(nonzero, 2))
+    assert not _kept(model)[[1, 5]].any()
+
+
+def test_taylor_is_weight_times_gradient_over_every_member():
+    model, data = _mlp(), _batches()
+    model.zero_grad()
+    for x, y in data:
+        nn.functional.cross_entropy(model(x), y).backward()
+    parts = [
+        (model[0].weight * model[0].weight.grad).abs().sum(1),
+        (model[0].bias * model[0].bias.grad).abs(),
+        (model[2].weight * model[2].weight.grad).abs().sum(0),
+    ]
+    scores = torch.stack([p.detach().double() / p.detach().double().mean() for p in parts]).mean(0)
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+    prune_channels(
+        model, data[0][0], 0.5, importance="taylor", data=data, loss_fn=nn.functional.cross_entropy
+    )
+    assert torch.equal(_kept(model), _expected(scores, 4))
+    for p, _s in zip(
+        (model[0].weight_orig, model[0].bias_orig, model[2].weight_orig, model[2].bias),
+        sentinel,
+        strict=False,
+    ):
+        assert p.grad is not None and torch.all(p.grad == 7.0)  # the user's gradients are put back
+
+
+def test_a_callable_receives_the_attribution():
+    model, data = _mlp(), _batches()
+    seen = {}
+
+    def widest_input(group, model, att):
+        seen.update(att.inputs)
+        return att.inputs["2"].sq_norms
+
+    prune_channels(model, data[0][0], 0.25, importance=widest_input, data=[x for x, _ in data])
+    assert set(seen) == {"2"} and int(_kept(model).sum()) == 6
+
+
+def test_global_ranking_and_exact_compaction_on_a_convnet():
+    from masksparse.examples import LeNet
+
+    torch.manual_seed(0)
+    model = LeNet()
+    x = torch.randn(64, 1, 28, 28)
+    prune_channels(model, x[:2], 0.5, importance="activation", data=[x[:32], x[32:]], global_ranking=True)
+    small = masksparse.compact(model, x[:4])
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    assert small.conv1.out_channels + small.conv2.out_channels < 6 + 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"importance": "taylor"}, "computed from data: pass data"),
+        ({"importance": "activation"}, "computed from data: pass data"),
+        ({"importance": "l1", "data": [torch.randn(4, 6)]}, "reads weights only and ignores data"),
+        ({"importance": "taylor", "data": [torch.randn(4, 6)]}, "this criterion needs a loss"),
+        ({"importance": "activation", "data": []}, "gave no batches"),
+        ({"importance": "activation", "data": [torch.randn(4, 5)]}, "batch 0 could not be fed"),
+    ],
+)
+def test_bad_input_raises_and_leaves_the_model_alone(kwargs, match):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningValueError, match=match):
+        prune_channels(model, torch.randn(2, 6), 0.5, **kwargs)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
