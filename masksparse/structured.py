@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueError
-from masksparse._feed import Forward, LossFn
+from masksparse._feed import Forward, LossFn, batches
+from masksparse.criteria import refitting
 from masksparse.criteria.attribution import DATA_CRITERIA, gather
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
@@ -173,7 +174,9 @@ def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:
     )
 
 
-def _data_criterion(importance: Any, data: Any, has_loss: bool) -> tuple[Any, bool, bool] | None:
+def _data_criterion(
+    importance: Any, data: Any, has_loss: bool, reconstruct: bool
+) -> tuple[Any, bool, bool] | None:
     """``(score, reads inputs, reads gradients)`` for a data-driven importance, or None for the rest."""
     if isinstance(importance, str) and importance in DATA_CRITERIA:
         if data is None:
@@ -185,7 +188,12 @@ def _data_criterion(importance: Any, data: Any, has_loss: bool) -> tuple[Any, bo
                 "an importance callable taking (group, model, attribution) needs calibration data: pass data="
             )
         return importance, True, has_loss  # gradients when there is a loss to take them of
-    if data is not None and isinstance(importance, str) and importance in ("l1", "l2", "bn_scale", "random"):
+    if (
+        data is not None
+        and not reconstruct
+        and isinstance(importance, str)
+        and importance in ("l1", "l2", "bn_scale", "random")
+    ):
         raise PruningValueError(
             f"importance={importance!r} reads weights only and ignores data; use one of "
             f"{', '.join(sorted(DATA_CRITERIA))} or drop data="
@@ -309,6 +317,7 @@ def prune_channels(
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     forward: Forward | None = None,
+    reconstruct: bool = False,
 ) -> nn.Module:
     """Mask the least important channels of every prunable group, on every tensor that owns them.
 
@@ -351,6 +360,9 @@ def prune_channels(
         loss_fn: ``loss_fn(model(inputs), target)`` on ``(inputs, target)`` batches, for ``"taylor"``
             (a Hugging Face model fed batches with labels needs none: its ``.loss`` is used).
         forward: ``forward(model, batch)`` feeds a batch (and returns the loss, for ``"taylor"``).
+        reconstruct: refit every ``nn.Linear`` that reads pruned units by least squares on ``data``
+            (its kept input columns and its bias take over what the removed ones contributed; see
+            :mod:`masksparse.criteria.refitting`). The model still compacts exactly.
 
     Returns:
         ``model``.
@@ -380,7 +392,11 @@ def prune_channels(
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
     check_allow_inexact(allow_inexact)
-    data_score = _data_criterion(importance, data, loss_fn is not None or forward is not None)
+    if reconstruct and data is None:
+        raise PruningValueError("reconstruct=True refits layers on calibration data: pass data=[batches]")
+    if data is not None:
+        data = list(batches(data, "data"))
+    data_score = _data_criterion(importance, data, loss_fn is not None or forward is not None, reconstruct)
     score = criterion(importance) if data_score is None else None
     per_module = {
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
@@ -416,5 +432,13 @@ def prune_channels(
     selections = [(c.group, _select_local(c, round_to)) for c in own]
     if shared:
         selections += list(zip((c.group for c in shared), _select_global(shared, amount, round_to)))
+    if reconstruct:
+        assert data is not None  # checked on entry
+        chosen = [g for g, units in selections if len(units)]
+        paths = refitting.consumers(model, chosen)
+        stats = refitting.statistics(model, data, paths, loss_fn, forward)
+        before = refitting.snapshot(model, paths)
     _write_masks(model, selections)
+    if reconstruct:
+        refitting.reconstruct(model, stats, before)
     return model

@@ -4,6 +4,8 @@ and the result still compacts exactly."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -120,3 +122,28 @@ def test_bad_input_raises_and_leaves_the_model_alone(kwargs, match):
         prune_channels(model, torch.randn(2, 6), 0.5, **kwargs)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_reconstruct_refits_the_consumers_and_still_compacts_exactly():
+    """Same masks as without reconstruction; the consumer's kept columns and bias take over, so the
+    outputs on the calibration data move less; the compacted model computes the masked one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(512, 6)
+    dense_out = model(x).detach()
+    plain = copy.deepcopy(model)
+    prune_channels(plain, x[:2], 0.5, importance="activation", data=[x])
+    prune_channels(model, x[:2], 0.5, importance="activation", data=[x], reconstruct=True)
+    for i in (0, 2):
+        assert torch.equal(model[i].weight_mask, plain[i].weight_mask)
+    assert not torch.equal(model[4].weight_orig, plain[4].weight_orig)
+    assert ((model(x) - dense_out) ** 2).mean() < 0.5 * ((plain(x) - dense_out) ** 2).mean()
+    small = masksparse.compact(model, x[:4])
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_reconstruct_needs_data():
+    model = _mlp()
+    with pytest.raises(PruningValueError, match="reconstruct=True refits layers on calibration data"):
+        prune_channels(model, torch.randn(2, 6), 0.5, reconstruct=True)
+    assert not hasattr(model[0], "weight_mask")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from masksparse._errors import PruningValueError
+from masksparse.criteria.calibration import LayerStats
 
-__all__ = ["sparsegpt"]
+__all__ = ["refit", "sparsegpt"]
 
 
 def _inverse_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,3 +173,55 @@ def _lowest_n(score: torch.Tensor, forced: torch.Tensor, pattern: tuple[int, int
     drop = torch.zeros_like(score, dtype=torch.bool)
     drop.scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
     return drop | forced
+
+
+def refit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: LayerStats,
+    keep: torch.Tensor,
+    ridge: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares refit of a Linear that loses the input columns where ``keep`` is False: the kept
+    columns (and the bias, whose input is the constant 1) are refit so that the layer's outputs on the
+    calibration inputs (``stats``, with ``xtx``) stay as close as possible to what the full layer gave,
+    with a ridge term (``ridge`` times the mean diagonal) pulling the refit toward the weights as they
+    were, which keeps a small calibration set from being overfit. Removed columns come back zero.
+
+    Example:
+        >>> import torch
+        >>> from masksparse.criteria import LayerStats
+        >>> from masksparse.criteria.reconstruction import refit
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> x = torch.randn(256, 6) + 1.0
+        >>> x[:, 5] = x[:, 4] * 0.5 + 0.1 * torch.randn(256)  # column 5 mostly repeats column 4
+        >>> w, b = torch.randn(3, 6), torch.zeros(3)
+        >>> stats = LayerStats.empty(6, hessian=True)
+        >>> stats.add(x)
+        >>> keep = torch.tensor([True, True, True, True, True, False])
+        >>> new_w, new_b = refit(w, b, stats, keep, ridge=1e-6)
+        >>> naive = ((x @ (w * keep).T + b - (x @ w.T + b)) ** 2).mean()
+        >>> bool(((x @ new_w.T + new_b - (x @ w.T + b)) ** 2).mean() < 0.05 * naive)
+        True
+    """
+    if stats.xtx is None:
+        raise PruningValueError("refit needs X^T X: calibrate with hessian=True")
+    dtype = torch.float64
+    cols = weight.shape[1]
+    h = torch.empty(cols + 1, cols + 1, dtype=dtype)
+    h[:cols, :cols] = stats.xtx.cpu()
+    h[:cols, cols] = h[cols, :cols] = stats.sums.cpu()
+    h[cols, cols] = float(stats.rows)
+    b = bias.detach().cpu() if bias is not None else torch.zeros(weight.shape[0])
+    w = torch.cat([weight.detach().cpu().to(dtype), b.to(dtype).reshape(-1, 1)], 1)
+    k = torch.cat([keep.cpu(), torch.tensor([bias is not None])])
+    hk = h[k][:, k]
+    lam = ridge * float(hk.diagonal().mean())
+    hk.diagonal().add_(lam)
+    new = torch.zeros_like(w)
+    # argmin ||X W^T - X_k V^T||^2 + lam ||V - W_k||^2: the ridge pulls toward the weights as they were
+    new[:, k] = torch.linalg.solve(hk, h[k] @ w.T + lam * w[:, k].T).T
+    out_w = new[:, :cols].to(device=weight.device, dtype=weight.dtype)
+    out_b = new[:, cols].to(device=bias.device, dtype=bias.dtype) if bias is not None else None
+    return out_w, out_b
