@@ -1,11 +1,18 @@
 """Structured criteria side by side: LeNet on scikit-learn's digits, 50% of the channels and units.
 
 One dense LeNet per seed (10 epochs). For every criterion: ``prune_channels(model, x, 0.5, importance=...)``
-(the data-driven ones calibrated on 512 training images, Taylor with cross-entropy), ``compact``, then
+(the data-driven ones calibrated on 512 training images, Taylor with cross-entropy; ``+reconstruct``
+with ``reconstruct=True``), ``compact``, then
 test accuracy straight away and after a short fine-tune (``--epochs`` of Adam). Pruned: the groups of
 conv1, conv2, fc1 and fc2 (the classes stay).
 
     python benchmarks/criteria.py                   # 3 seeds, 2 fine-tune epochs
+    python benchmarks/criteria.py --minilm          # the pretrained MiniLM: 25% of heads and FFN units
+
+``--minilm``: all-MiniLM-L6-v2 (``benchmarks/_minilm.py``), ``prune_channels(model, batch, 0.25)`` (the
+heads and FFN units; the LayerNorm'd hidden width stays), each criterion with and without
+``reconstruct=True``, compacted; cosine of mean-pooled embeddings to dense on 256 held-out sentences,
+no fine-tuning.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import nn
 from masksparse import compact, prune_channels
 from masksparse.examples import LeNet, evaluate, load_digits, train
 
-CRITERIA = ("random", "l1", "l2", "activation", "apoz", "taylor")
+CRITERIA = ("random", "l1", "l2", "activation", "apoz", "taylor", "l1+reconstruct", "activation+reconstruct")
 
 
 def _params(model: nn.Module) -> int:
@@ -40,9 +47,10 @@ def run(seed: int, epochs: int) -> dict[str, tuple[float, float, float, float]]:
     for name in CRITERIA:
         model = copy.deepcopy(dense)
         torch.manual_seed(seed)  # "random" draws from the global generator
+        importance, _, rebuild = name.partition("+")
         kw = {} if name in ("random", "l1", "l2") else {"data": data, "loss_fn": nn.functional.cross_entropy}
         start = time.perf_counter()
-        prune_channels(model, images[:2], 0.5, importance=name, **kw)
+        prune_channels(model, images[:2], 0.5, importance=importance, reconstruct=bool(rebuild), **kw)
         seconds = time.perf_counter() - start
         small = compact(model, images[:8])
         before = evaluate(small, test_set)
@@ -51,11 +59,49 @@ def run(seed: int, epochs: int) -> dict[str, tuple[float, float, float, float]]:
     return out
 
 
+def minilm(calibration: int) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _minilm
+
+    dense, tok = _minilm.load()
+    calib = _minilm.batches(tok, _minilm.sentences("calibration", calibration))
+    evals = _minilm.batches(tok, _minilm.sentences("evaluation", 256))
+    reference = _minilm.embed(dense, evals)
+    rows = []
+    for name in ("random", "l1", "activation", "apoz"):
+        for rebuild in (False, True):
+            model = copy.deepcopy(dense)
+            torch.manual_seed(0)
+            data = calib if rebuild or name in ("activation", "apoz") else None
+            start = time.perf_counter()
+            prune_channels(model, calib[0], 0.25, importance=name, data=data, reconstruct=rebuild)
+            small = compact(model, calib[0])
+            seconds = time.perf_counter() - start
+            mean, low = _minilm.cosine(reference, _minilm.embed(small, evals))
+            rows.append([name, rebuild, f"{mean:.4f}", f"{low:.4f}", f"{_params(small) / _params(dense):.3f}",
+                         f"{seconds:.1f}"])  # fmt: skip
+            print(*rows[-1], flush=True)
+    print(f"all-MiniLM-L6-v2, 25% of heads and FFN units, {calibration} calibration sentences")
+    print(
+        tabulate(
+            rows, headers=["importance", "reconstruct", "cosine mean", "cosine min", "params", "seconds"]
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--minilm", action="store_true")
+    parser.add_argument("--calibration", type=int, default=128, help="MiniLM calibration sentences")
     args = parser.parse_args()
+    if args.minilm:
+        minilm(args.calibration)
+        return
     results = [run(int(s), args.epochs) for s in args.seeds.split(",")]
     rows = []
     for name in ("dense", *CRITERIA):

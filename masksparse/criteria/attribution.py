@@ -32,7 +32,7 @@ from masksparse.criteria.calibration import LayerStats, _batch_error, _batch_run
 from masksparse.graph import Group, Member
 from masksparse.importance import is_parameter, magnitude, per_unit, reduce_slices, tensor_of
 
-__all__ = ["Attribution", "DATA_CRITERIA", "gather"]
+__all__ = ["Attribution", "activation", "apoz", "gather", "taylor"]
 
 
 @dataclasses.dataclass

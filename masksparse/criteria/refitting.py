@@ -53,7 +53,7 @@ def reconstruct(
     model: nn.Module,
     stats: dict[str, LayerStats],
     before: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    ridge: float = 0.01,
+    ridge: float = 0.1,
 ) -> None:
     """Refit every layer of ``stats`` for the input columns its mask now removes, toward the outputs
     its weight and bias as they were ``before`` (taken with :func:`snapshot`) gave."""
