@@ -283,6 +283,15 @@ def _select_global(cands: list[_Candidate], amount: float | int, round_to: int |
 
 
 def _write_masks(model: nn.Module, selections: list[tuple[Group, torch.Tensor]]) -> None:
+    for (path, name), mask in _masks_for(model, selections).items():
+        # Narrowed in place on later rounds: one bool mask per tensor however often this runs.
+        narrow(model.get_submodule(path), name, mask)
+
+
+def _masks_for(
+    model: nn.Module, selections: list[tuple[Group, torch.Tensor]]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The bool mask of every parameter tensor the selected units own a slice of."""
     masks: dict[tuple[str, str], torch.Tensor] = {}
     for group, units in selections:
         if len(units) == 0:
@@ -297,16 +306,70 @@ def _write_masks(model: nn.Module, selections: list[tuple[Group, torch.Tensor]])
             mask = masks.setdefault((m.module, m.tensor), torch.ones(shape, dtype=torch.bool))
             flat, unit = unit_indices(m)
             mask.index_fill_(m.dim, flat[chosen[unit]], False)
-    for (path, name), mask in masks.items():
-        # Narrowed in place on later rounds: one bool mask per tensor however often this runs.
-        narrow(model.get_submodule(path), name, mask)
+    return masks
+
+
+def _select(
+    cands: list[_Candidate], own: list[_Candidate], amount: float | int, round_to: int | None
+) -> list[tuple[Group, torch.Tensor]]:
+    shared = [c for c in cands if c not in own]
+    selections = [(c.group, _select_local(c, round_to)) for c in own]
+    if shared:
+        selections += list(zip((c.group for c in shared), _select_global(shared, amount, round_to)))
+    return selections
+
+
+def _params_left(
+    model: nn.Module, cands: list[_Candidate], selections: list[tuple[Group, torch.Tensor]]
+) -> float:
+    """The fraction of the model's parameters left once the selected and the already dead units go."""
+    total = sum(p.numel() for p in model.parameters())
+    dead = {id(c.group): torch.nonzero(c.dead).flatten() for c in cands}
+    everything = [(g, torch.cat([units, dead.get(id(g), units[:0])]).unique()) for g, units in selections]
+    removed = sum(int((~mask).sum()) for mask in _masks_for(model, everything).values())
+    return (total - removed) / total
+
+
+def _meet_params(
+    model: nn.Module,
+    cands: list[_Candidate],
+    own: list[_Candidate],
+    free: list[_Candidate],
+    target: float,
+    round_to: int | None,
+) -> float:
+    """The smallest amount (bisected to a unit) whose selection leaves at most ``target`` of the
+    parameters (``own`` are ranked alone, the rest globally); raises PruningValueError before anything
+    changes when no amount does."""
+
+    def left(a: float) -> float:
+        for c in free:  # the groups ranked alone without an amount of their own
+            c.amount = a
+        return _params_left(model, cands, _select(cands, own, a, round_to))
+
+    least = left(1.0)
+    if least > target:
+        raise PruningValueError(
+            f"target_params={target} cannot be met: pruning every prunable unit still leaves {least:.3f} of "
+            "the parameters (groups that cannot be removed exactly, ignored layers and embeddings stay)"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        if left(mid) <= target:
+            high = mid
+        else:
+            low = mid
+    left(high)
+    return high
 
 
 def prune_channels(
     model: nn.Module,
     example_inputs: Any,
-    amount: float | int,
+    amount: float | int | None = None,
     *,
+    target_params: float | None = None,
     importance: str | Criterion = "l1",
     global_ranking: bool = False,
     amounts: Mapping[nn.Module | str, float | int] | None = None,
@@ -335,6 +398,10 @@ def prune_channels(
         amount: per group, the fraction (float in [0, 1]) or number (int) of units to leave pruned,
             counted against the original size: calling again with the same amount changes nothing,
             with a larger one prunes up to it. A group always keeps at least one unit.
+        target_params: instead of ``amount``, the fraction of the model's parameters to keep (counted
+            as compaction removes them: every slice the pruned units own, dead units included): the
+            smallest amount that meets it is found, to within one unit per group. With
+            ``global_ranking`` the units are ranked across groups as usual, so layers shrink unevenly.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or ``fn(group, model) -> scores``
             (see :mod:`masksparse.importance`); with ``data``, also ``"activation"``, ``"apoz"``,
             ``"taylor"`` (see :mod:`masksparse.criteria.attribution`) or
@@ -388,7 +455,15 @@ def prune_channels(
         >>> torch.equal(ln_kept, model[0].bias_mask), int(ln_kept.sum())  # the same 4 of 8 units
         (True, 4)
     """
-    amount = _check_amount(amount, "amount")
+    if (amount is None) == (target_params is None):
+        raise PruningValueError("prune_channels takes either amount or target_params, not both nor neither")
+    if target_params is not None and (
+        isinstance(target_params, bool)
+        or not isinstance(target_params, (int, float))
+        or not 0 < target_params < 1
+    ):
+        raise PruningValueError(f"target_params must be a fraction in (0, 1), got {target_params!r}")
+    amount = _check_amount(0.0 if amount is None else amount, "amount")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
     check_allow_inexact(allow_inexact)
@@ -428,10 +503,10 @@ def prune_channels(
         for c in cands
         if not global_ranking or any(_under(m, p) for m in _producers(c.group) for p in per_module)
     ]
-    shared = [c for c in cands if c not in own]
-    selections = [(c.group, _select_local(c, round_to)) for c in own]
-    if shared:
-        selections += list(zip((c.group for c in shared), _select_global(shared, amount, round_to)))
+    if target_params is not None:
+        free = [c for c in cands if not any(_under(m, p) for m in _producers(c.group) for p in per_module)]
+        amount = _meet_params(model, cands, own, [c for c in own if c in free], target_params, round_to)
+    selections = _select(cands, own, amount, round_to)
     if reconstruct:
         assert data is not None  # checked on entry
         chosen = [g for g, units in selections if len(units)]
