@@ -35,7 +35,13 @@ from masksparse.criteria import LayerStats, calibrate
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
-from masksparse.schedule import GradualPruner, PruningStep
+from masksparse.schedule import (
+    GradualPruner,
+    PruningStep,
+    SensitivityTable,
+    amounts_from_sensitivity,
+    sensitivity,
+)
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
 from masksparse.structured import prune_channels
 from masksparse.unstructured import prune_unstructured
@@ -62,10 +68,12 @@ __all__ = [
     "ReportComparison",
     "ReportRow",
     "ReportTotal",
+    "SensitivityTable",
     "ShapeMismatchError",
     "SparsityReport",
     "StateDictError",
     "__version__",
+    "amounts_from_sensitivity",
     "calibrate",
     "compact",
     "compaction_plans",
@@ -80,6 +88,7 @@ __all__ = [
     "remove_all",
     "save_compacted",
     "save_state_dict",
+    "sensitivity",
     "sparsity_report",
     "trace",
 ]

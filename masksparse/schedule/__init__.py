@@ -1,7 +1,15 @@
 """Pruning while training: :class:`GradualPruner` and the sparsity schedules it follows
-(:mod:`masksparse.schedule.curves`)."""
+(:mod:`masksparse.schedule.curves`), and per-layer sensitivity analysis (:func:`masksparse.sensitivity`)."""
 
 from masksparse.schedule import curves
+from masksparse.schedule.analysis import SensitivityTable, amounts_from_sensitivity, sensitivity
 from masksparse.schedule.gradual import GradualPruner, PruningStep
 
-__all__ = ["GradualPruner", "PruningStep", "curves"]
+__all__ = [
+    "GradualPruner",
+    "PruningStep",
+    "SensitivityTable",
+    "amounts_from_sensitivity",
+    "curves",
+    "sensitivity",
+]
