@@ -7,12 +7,13 @@ PYTHON ?= python3
 VENV := .venv
 TEST_VENV := .venv-test
 
-.PHONY: help demo test check lint typecheck pytest docs clean
+.PHONY: help demo test check lint typecheck pytest timm-zoo docs clean
 
 help:
 	@echo "make demo   install masksparse into $(VENV) and run its demo"
 	@echo "make test   build a fresh $(TEST_VENV), then ruff, mypy and pytest (what CI runs)"
 	@echo "make docs   build the documentation site into docs/_build/html (needs $(TEST_VENV))"
+	@echo "make timm-zoo  every timm family of tests/test_timm_zoo.py (about an hour; needs $(TEST_VENV))"
 	@echo "make clean  remove both virtual environments and build outputs"
 
 demo:
@@ -38,9 +39,13 @@ lint:
 typecheck:
 	$(TEST_VENV)/bin/mypy masksparse
 
-# Doctests, README snippets, notebooks and the strict docs build are all part of the suite.
+# Doctests, README snippets, notebooks and the strict docs build are all part of the suite. The whole
+# timm zoo (98 families, about an hour) runs with `make timm-zoo`; a fast sample of it runs here.
 pytest:
-	$(TEST_VENV)/bin/python -m pytest
+	$(TEST_VENV)/bin/python -m pytest -m "not timm_zoo"
+
+timm-zoo:
+	$(TEST_VENV)/bin/python -m pytest -m timm_zoo tests/test_timm_zoo.py
 
 docs:
 	$(TEST_VENV)/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html

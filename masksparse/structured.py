@@ -39,7 +39,7 @@ from masksparse.importance import (
 )
 from masksparse.prune.functional import narrow
 
-__all__ = ["prune_channels"]
+__all__ = ["prunable_units", "prune_channels"]
 
 
 @dataclass
@@ -154,6 +154,35 @@ def _candidates(
     if skipped:
         _warn_skipped(skipped)
     return found
+
+
+def prunable_units(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ignored_layers: Iterable[nn.Module | str] = (),
+    untouched_layers: Iterable[nn.Module | str] = (),
+    allow_inexact: bool = False,
+) -> tuple[int, int]:
+    """``(units, dead)``: how many units the groups :func:`prune_channels` would prune hold, and how
+    many of them are dead now (masked or all zero): the count :class:`masksparse.GradualPruner`
+    schedules against.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse.structured import prunable_units, prune_channels
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> prunable_units(model, x), prunable_units(prune_channels(model, x, 0.5), x)
+        ((8, 0), (8, 4))
+    """
+    ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
+    untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KeptUnitsWarning)  # prune_channels itself says it
+        cands = _candidates(model, trace(model, example_inputs), 0.0, {}, ignored, untouched, allow_inexact)
+    return sum(c.group.size for c in cands), sum(int(c.dead.sum()) for c in cands)
 
 
 def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:

@@ -75,12 +75,13 @@ def randomise_bn(model: nn.Module, seed: int = 0, *, zero_weights: bool = False)
             if name.endswith("weight") and p.ndim >= 2 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
     return model.eval()
 
 

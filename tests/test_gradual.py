@@ -11,12 +11,16 @@ from torch import nn
 
 import masksparse
 from masksparse import GradualPruner, PruningTypeError, PruningValueError
+from masksparse.compact import relative_error
 from masksparse.schedule import curves
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+_X = torch.randn(4, 12)
 
 
 def _train(
@@ -131,6 +135,29 @@ def test_resuming_from_state_dicts_continues_exactly():
         ({"modules": ["1"]}, PruningTypeError, "'1' is a ReLU"),
         ({"modules": ["nope"]}, PruningValueError, "no submodule 'nope'"),
         ({"scope": "row"}, PruningValueError, "scope must be"),
+        ({"compact": True}, PruningValueError, "compact=True needs structured=True"),
+        ({"structured": True}, PruningValueError, "pass example_inputs"),
+        ({"structured": True, "example_inputs": _X, "modules": ["0"]}, PruningValueError, "ignored_layers"),
+        ({"structured": True, "example_inputs": _X, "method": "wanda"}, PruningValueError, "importance="),
+        (
+            {
+                "structured": True,
+                "example_inputs": _X,
+                "optimizer": torch.optim.SGD(_mlp(1).parameters(), 0.1),
+            },
+            PruningValueError,
+            "only with compact=True",
+        ),
+        (
+            {
+                "structured": True,
+                "example_inputs": _X,
+                "compact": True,
+                "optimizer": torch.optim.SGD(_mlp(1).parameters(), 0.1),
+            },
+            PruningValueError,
+            r"holds 6 parameter\(s\) not in the model",
+        ),
     ],
 )
 def test_bad_settings_are_rejected_before_anything_changes(kwargs, error, match):
@@ -147,3 +174,75 @@ def test_a_schedule_that_leaves_the_unit_interval_is_reported():
     pruner = GradualPruner(model, 0.5, end=3, schedule=lambda step: 2.0)
     with pytest.raises(PruningValueError, match=r"schedule\(1\) gave 2.0"):
         pruner.step()
+
+
+def _channels_alive(model: nn.Sequential) -> list[int]:
+    """Output units of each hidden Linear that are not masked away."""
+    alive = []
+    for layer in (model[0], model[2]):
+        mask = getattr(layer, "weight_mask", None)
+        alive.append(layer.out_features if mask is None else int(mask.any(1).sum()))
+    return alive
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01),
+])  # fmt: skip
+def test_structured_compaction_in_place_keeps_the_optimizer_and_the_scheduler(make_optimizer):
+    """With compact=True the same model and Parameter objects shrink at each pruning step; the optimizer
+    state is sliced with them and the same optimizer and learning-rate scheduler keep training. Masked
+    (compact=False) and compacted runs reach the same widths and compute the same thing at the end."""
+    masked, small = _mlp(), _mlp()
+    opt_masked, opt_small = make_optimizer(masked.parameters()), make_optimizer(small.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt_small, step_size=5, gamma=0.5)
+    first = small[0].weight
+    common = {"begin": 2, "end": 10, "every": 4, "structured": True, "example_inputs": _X}
+    p_masked = GradualPruner(masked, 0.75, **common)
+    p_small = GradualPruner(small, 0.75, compact=True, optimizer=opt_small, **common)
+    g = torch.Generator().manual_seed(0)
+    widths = []
+    for _ in range(12):
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+        for model, opt in ((masked, opt_masked), (small, opt_small)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        sched.step()
+        for group in opt_masked.param_groups:  # the same learning rate on both sides
+            group["lr"] = opt_small.param_groups[0]["lr"]
+        p_masked.step(), p_small.step()
+        widths.append((small[0].out_features, small[2].out_features))
+    assert [h.step for h in p_small.history] == [2, 6, 10]
+    assert widths == [(32, 16)] * 5 + [(11, 6)] * 4 + [(8, 4)] * 3  # cubic: most of it at step 6
+    assert _channels_alive(masked) == [8, 4]
+    with torch.no_grad():  # the kept weights trained identically on both sides
+        assert relative_error(masked(_X), small(_X)) <= 1e-4
+    assert small[0].weight is first and "weight_mask" not in dict(small[0].named_buffers())
+    assert p_small.sparsity == p_masked.sparsity == 0.75
+    assert [round(h.reached, 4) for h in p_small.history] == [round(h.reached, 4) for h in p_masked.history]
+    state = opt_small.state[small[0].weight]
+    moment = state["momentum_buffer"] if "momentum_buffer" in state else state["exp_avg"]
+    assert moment.shape == small[0].weight.shape == (8, 12)
+    assert opt_small.param_groups[0]["lr"] < opt_masked.defaults["lr"]  # the scheduler kept stepping
+    assert sum(p.numel() for p in small.parameters()) < 0.3 * sum(p.numel() for p in _mlp().parameters())
+
+
+def test_structured_masks_match_prune_channels_and_dropout_is_scaled():
+    """Without compaction, each pruning step is prune_channels at the schedule's fraction; with
+    adjust_dropout every Dropout's p is multiplied by the fraction of units the step kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.4), nn.Linear(32, 3))
+    reference = copy.deepcopy(model)
+    pruner = GradualPruner(
+        model, 0.5, end=2, every=1, schedule="linear", structured=True, example_inputs=_X, adjust_dropout=True
+    )
+    pruner.step()  # step 1 of a linear 0 -> 0.5 over steps 0..2: 0.25
+    masksparse.prune_channels(reference, _X, 0.25)
+    assert torch.equal(model[0].weight_mask, reference[0].weight_mask)
+    assert model[2].p == pytest.approx(0.4 * 24 / 32)
+    assert model.training  # put back in the mode it was in
+    pruner.step()
+    assert int(model[0].weight_mask.any(1).sum()) == 16 and pruner.sparsity == 0.5
+    assert model[2].p == pytest.approx(0.4 * 16 / 32)
+    assert pruner.state_dict()["units"] == 32

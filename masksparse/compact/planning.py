@@ -217,9 +217,9 @@ def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> lis
 
 
 # Attributes that attention classes (Hugging Face's among them) keep for heads x head size and use in
-# forward (``view(..., self.all_head_size)``): they follow the heads that are cut. A name that may mean
-# the model's width (``embed_dim``, ``hidden_size``) is left alone.
-_HEADS_WIDTH = ("all_head_size", "inner_dim")
+# forward (``view(..., self.all_head_size)``, timm's ``attn_dim``): they follow the heads that are cut.
+# A name that may mean the model's width (``embed_dim``, ``hidden_size``) is left alone.
+_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
 
 
 def _activations(

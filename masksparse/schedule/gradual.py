@@ -7,6 +7,12 @@ model recover. Masks are ordinary ``weight_orig`` / ``weight_mask`` pruning narr
 mask per tensor however many steps), so masked weights get zero gradient and stay zero, and
 the model's state_dict holds them; ``state_dict()`` holds the rest (the step count and
 the history), so a resumed run continues the schedule exactly.
+
+With ``structured=True`` the pruner masks whole channel groups instead (:func:`masksparse.prune_channels`
+on the schedule's fraction of the units), and with ``compact=True`` it compacts the model in place at
+every pruning step (:func:`masksparse.compact` with ``inplace=True``): the same model object and
+Parameter objects, sliced, with the optimizer's state (SGD momentum, Adam moments) sliced along, so
+training goes on with the same optimizer and learning-rate scheduler and every later step is cheaper.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import torch
 from torch import nn
 
 from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse.compact.apply import compact as compact_model
+from masksparse.importance import Criterion
 from masksparse.prune.functional import narrow
 from masksparse.prune.select import MagnitudeScores, select_smallest
 from masksparse.schedule import curves
+from masksparse.structured import prunable_units, prune_channels
 from masksparse.unstructured import METHODS, prune_unstructured
 
 __all__ = ["GradualPruner", "PruningStep"]
@@ -107,10 +116,24 @@ class GradualPruner:
             Conv but the output layer.
         method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"`` (the last two calibrate on ``data``
             at every pruning step; see :func:`masksparse.prune_unstructured`).
-        scope: ``"global"`` ranks the weights of all chosen layers together (magnitude only);
-            ``"layer"`` prunes each layer to the schedule's fraction.
-        data: calibration batches for the data-driven methods.
-        **options: passed on to :func:`masksparse.prune_unstructured` (``pattern``, ``percdamp``...).
+        scope: ``"global"`` ranks the weights of all chosen layers together (magnitude only; the
+            default), ``"layer"`` prunes each layer to the schedule's fraction. With ``structured``,
+            ``"layer"`` (the default) prunes each channel group to the fraction and ``"global"`` ranks
+            units across groups (``global_ranking=True``).
+        data: calibration batches for the data-driven methods (and the data-driven importances).
+        structured: prune whole channel groups with :func:`masksparse.prune_channels`: ``target`` and
+            the schedule are then fractions of the prunable units, counted against the units the model
+            had when the pruner was made.
+        example_inputs: what to trace the model with (needed with ``structured``).
+        importance: the channel importance for ``structured`` (see :func:`masksparse.prune_channels`).
+        compact: compact the model in place after every structured pruning step.
+        optimizer: the optimizer training the model, whose state ``compact`` slices too.
+        adjust_dropout: with ``structured``, multiply every ``nn.Dropout``'s probability by the
+            fraction of units a pruning step keeps (``p *= 1 - ratio``, as TorchPruner does), so the
+            thinner model is not over-regularised.
+        **options: passed on to :func:`masksparse.prune_unstructured` (``pattern``, ``percdamp``...)
+            or, with ``structured``, to :func:`masksparse.prune_channels` (``ignored_layers``,
+            ``round_to``, ``loss_fn``...).
 
     Example:
         >>> import torch
@@ -126,6 +149,23 @@ class GradualPruner:
         ...     _ = pruner.step()
         >>> pruner.sparsity, [round(h.target, 2) for h in pruner.history]
         (0.75, [0.43, 0.66, 0.74, 0.75])
+
+        Structured, compacting in place as it goes (the optimizer keeps training the same Parameters):
+
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> x = torch.randn(8, 16)
+        >>> pruner = GradualPruner(
+        ...     model, 0.5, begin=0, end=4, every=2, structured=True, example_inputs=x,
+        ...     compact=True, optimizer=opt,
+        ... )
+        >>> for step in range(6):
+        ...     opt.zero_grad()
+        ...     model(x).square().mean().backward()
+        ...     opt.step()
+        ...     _ = pruner.step()
+        >>> model[0].out_features, opt.state[model[0].weight]["exp_avg"].shape, pruner.sparsity
+        (16, torch.Size([16, 16]), 0.5)
     """
 
     def __init__(
@@ -140,8 +180,14 @@ class GradualPruner:
         initial: float = 0.0,
         modules: Sequence[nn.Module | str] | None = None,
         method: str = "magnitude",
-        scope: str = "global",
+        scope: str | None = None,
         data: Iterable[Any] | None = None,
+        structured: bool = False,
+        example_inputs: Any = None,
+        importance: str | Criterion = "l1",
+        compact: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        adjust_dropout: bool = False,
         **options: Any,
     ) -> None:
         self.begin, self.end = _int(begin, "begin", 0), _int(end, "end", 0)
@@ -160,9 +206,13 @@ class GradualPruner:
             raise PruningValueError(
                 f"GradualPruner: method must be one of {', '.join(METHODS)}; got {method!r}"
             )
+        scope = scope if scope is not None else "layer" if structured else "global"
         if scope not in ("global", "layer"):
             raise PruningValueError(f"GradualPruner: scope must be 'global' or 'layer', got {scope!r}")
-        if scope == "global" and method != "magnitude":
+        _check_structured(
+            model, structured, example_inputs, compact, optimizer, adjust_dropout, method, modules
+        )
+        if scope == "global" and method != "magnitude" and not structured:
             raise PruningValueError(f"GradualPruner: {method} ranks within each layer; use scope='layer'")
         if method != "magnitude" and data is None:
             raise PruningValueError(f"GradualPruner: method {method!r} needs calibration data (data=...)")
@@ -170,9 +220,17 @@ class GradualPruner:
         self.schedule, self.method, self.scope = schedule, method, scope
         self.data = list(data) if data is not None else None
         self.options = options
-        self.layers = _layers(model, modules)
+        self.structured, self.example_inputs, self.importance = structured, example_inputs, importance
+        self.compact, self.optimizer, self.adjust_dropout = compact, optimizer, adjust_dropout
         self.steps_taken = 0
         self.history: list[PruningStep] = []
+        if structured:
+            self.layers: dict[str, nn.Module] = {}
+            units, dead = self._units()
+            self.units = units  # the prunable units at the start, which the schedule counts against
+            self._alive = units - dead
+        else:
+            self.layers = _layers(model, modules)
 
     def fraction_at(self, step: int) -> float:
         """The schedule's target fraction at ``step``."""
@@ -191,7 +249,10 @@ class GradualPruner:
 
     @property
     def sparsity(self) -> float:
-        """The fraction of the chosen weights pruned now (masked entries over original sizes)."""
+        """The fraction of the chosen weights pruned now (masked entries over original sizes); with
+        ``structured``, the fraction of the prunable units gone (masked or compacted away)."""
+        if self.structured:
+            return 1.0 - self._alive / self.units
         total = sum(_weight(m).numel() for m in self.layers.values())
         return self._pruned() / total
 
@@ -208,7 +269,9 @@ class GradualPruner:
 
     def prune_to(self, fraction: float) -> PruningStep:
         """Prune the chosen weights up to ``fraction`` now (never un-pruning anything)."""
-        if self.scope == "global":
+        if self.structured:
+            self._prune_channels(fraction)
+        elif self.scope == "global":
             self._global_magnitude(fraction)
         else:
             prune_unstructured(
@@ -218,6 +281,40 @@ class GradualPruner:
         record = PruningStep(self.steps_taken, fraction, self.sparsity)
         self.history.append(record)
         return record
+
+    def _units(self) -> tuple[int, int]:
+        keys = ("ignored_layers", "untouched_layers", "allow_inexact")
+        return prunable_units(
+            self.model, self.example_inputs, **{k: self.options[k] for k in keys if k in self.options}
+        )
+
+    def _prune_channels(self, fraction: float) -> None:
+        """Mask (and with ``compact``, remove) units until ``1 - fraction`` of the starting units are
+        left; in eval mode, so dropout and BatchNorm statistics do not change the verified outputs."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            units, _ = self._units()  # fewer than self.units once compacted
+            amount = min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / units))
+            before = self._alive
+            prune_channels(
+                self.model, self.example_inputs, amount, importance=self.importance,
+                global_ranking=self.scope == "global", data=self.data, **self.options,
+            )  # fmt: skip
+            if self.compact:
+                keys = ("allow_inexact",)
+                compact_model(
+                    self.model, self.example_inputs, inplace=True, optimizer=self.optimizer,
+                    **{k: self.options[k] for k in keys if k in self.options},
+                )  # fmt: skip
+            units, dead = self._units()
+            self._alive = units - dead
+            if self.adjust_dropout and before > 0:
+                for m in self.model.modules():
+                    if isinstance(m, nn.modules.dropout._DropoutNd):
+                        m.p *= self._alive / before
+        finally:
+            self.model.train(training)
 
     def _global_magnitude(self, fraction: float) -> None:
         layers = list(self.layers.values())
@@ -233,8 +330,13 @@ class GradualPruner:
                 narrow(module, "weight", ~drop.to(_weight(module).device))
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count and history (the masks are in the model's own state_dict)."""
-        return {"steps_taken": self.steps_taken, "history": [tuple(h) for h in self.history]}
+        """The step count and history (the masks are in the model's own state_dict); with
+        ``structured``, also the starting unit count (a compacted model is saved with
+        :func:`masksparse.save_compacted`)."""
+        state: dict[str, Any] = {"steps_taken": self.steps_taken, "history": [tuple(h) for h in self.history]}
+        if self.structured:
+            state["units"] = self.units
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output."""
@@ -243,3 +345,48 @@ class GradualPruner:
             raise PruningValueError(f"GradualPruner.load_state_dict: missing {sorted(missing)}")
         self.steps_taken = _int(state["steps_taken"], "steps_taken", 0)
         self.history = [PruningStep(*h) for h in state["history"]]
+        if self.structured and "units" in state:
+            self.units = _int(state["units"], "units", 1)
+
+
+def _check_structured(
+    model: nn.Module,
+    structured: bool,
+    example_inputs: Any,
+    compact: bool,
+    optimizer: torch.optim.Optimizer | None,
+    adjust_dropout: bool,
+    method: str,
+    modules: Sequence[nn.Module | str] | None,
+) -> None:
+    """The structured options agree with each other and with the model."""
+    if not structured:
+        for name, value in (("compact", compact), ("adjust_dropout", adjust_dropout)):
+            if value:
+                raise PruningValueError(f"GradualPruner: {name}=True needs structured=True")
+        if optimizer is not None:
+            raise PruningValueError(
+                "GradualPruner: optimizer is sliced only with structured=True, compact=True"
+            )
+        return
+    if example_inputs is None:
+        raise PruningValueError("GradualPruner: structured=True traces the model: pass example_inputs=...")
+    if method != "magnitude":
+        raise PruningValueError(
+            f"GradualPruner: method={method!r} is unstructured; with structured=True choose importance=..."
+        )
+    if modules is not None:
+        raise PruningValueError(
+            "GradualPruner: structured=True prunes every channel group; choose with ignored_layers= or "
+            "untouched_layers= instead of modules="
+        )
+    if optimizer is not None and not compact:
+        raise PruningValueError("GradualPruner: optimizer is sliced only with compact=True")
+    if optimizer is not None:
+        own = {id(p) for p in model.parameters()}
+        stray = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+        if stray:
+            raise PruningValueError(
+                f"GradualPruner: the optimizer holds {len(stray)} parameter(s) not in the model (the "
+                f"first of shape {tuple(stray[0].shape)}); pass the optimizer that trains this model"
+            )
