@@ -32,6 +32,17 @@ _TOL = 1e-4
 # Looser bounds, each with why the model keeps more; tighten as compaction learns the module.
 _BOUNDS: dict[str, tuple[float, str]] = {
     "nfnet": (0.97, "ScaledStdConv2d standardises each filter over all its inputs: its inputs are kept"),
+    # measured with benchmarks/timm_zoo.py; `-v` lists the units each plan kept and why
+    "coat": (0.77, "units kept where the compacted model could not run without them"),
+    "csatv2": (0.83, "attention heads reshaped with the full width C are kept"),
+    "deepseek_vit": (1.0, "nothing prunable outside normalised widths"),
+    "efficientformer_v2": (0.80, "its attention token mixers keep their units"),
+    "mlp_mixer": (1.0, "nothing prunable outside normalised widths"),
+    "mobilenetv5": (0.95, "units kept where the compacted model could not run without them"),
+    "pvt_v2": (0.78, "units kept where the compacted model could not run without them"),
+    "sequencer": (0.77, "the LSTM token mixers keep their units"),
+    "tiny_vit": (0.86, "units kept where the compacted model could not run without them"),
+    "vision_transformer_relpos": (0.81, "units kept where the compacted model could not run without them"),
 }
 
 
