@@ -228,7 +228,7 @@ class GradualPruner:
             self.layers: dict[str, nn.Module] = {}
             units, dead = self._units()
             self.units = units  # the prunable units at the start, which the schedule counts against
-            self._alive = units - dead
+            self._size, self._alive = units, units - dead  # now: training changes neither
         else:
             self.layers = _layers(model, modules)
 
@@ -294,8 +294,8 @@ class GradualPruner:
         training = self.model.training
         self.model.eval()
         try:
-            units, _ = self._units()  # fewer than self.units once compacted
-            amount = min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / units))
+            # self._size: fewer than self.units once compacted
+            amount = min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / self._size))
             before = self._alive
             prune_channels(
                 self.model, self.example_inputs, amount, importance=self.importance,
@@ -307,8 +307,8 @@ class GradualPruner:
                     self.model, self.example_inputs, inplace=True, optimizer=self.optimizer,
                     **{k: self.options[k] for k in keys if k in self.options},
                 )  # fmt: skip
-            units, dead = self._units()
-            self._alive = units - dead
+            self._size, dead = self._units()
+            self._alive = self._size - dead
             if self.adjust_dropout and before > 0:
                 for m in self.model.modules():
                     if isinstance(m, nn.modules.dropout._DropoutNd):
