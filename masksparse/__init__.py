@@ -40,6 +40,7 @@ from masksparse.schedule import (
     PruningStep,
     SensitivityTable,
     amounts_from_sensitivity,
+    distill,
     sensitivity,
 )
 from masksparse.serialization import load_state_dict, read_state_dict, save_state_dict
@@ -78,6 +79,7 @@ __all__ = [
     "compact",
     "compaction_plans",
     "compare_reports",
+    "distill",
     "load_compacted",
     "load_state_dict",
     "plan_compaction",

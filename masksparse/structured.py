@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueError
 from masksparse._feed import Forward, LossFn, batches
+from masksparse._macs import count_uses
 from masksparse.criteria import refitting
 from masksparse.criteria.attribution import DATA_CRITERIA, gather
 from masksparse.graph import Graph, Group, trace
@@ -39,7 +40,7 @@ from masksparse.importance import (
 )
 from masksparse.prune.functional import narrow
 
-__all__ = ["prunable_units", "prune_channels"]
+__all__ = ["compacted_size", "prunable_units", "prune_channels"]
 
 
 @dataclass
@@ -348,39 +349,74 @@ def _select(
     return selections
 
 
-def _params_left(
-    model: nn.Module, cands: list[_Candidate], selections: list[tuple[Group, torch.Tensor]]
-) -> float:
-    """The fraction of the model's parameters left once the selected and the already dead units go."""
-    total = sum(p.numel() for p in model.parameters())
-    dead = {id(c.group): torch.nonzero(c.dead).flatten() for c in cands}
-    everything = [(g, torch.cat([units, dead.get(id(g), units[:0])]).unique()) for g, units in selections]
-    removed = sum(int((~mask).sum()) for mask in _masks_for(model, everything).values())
-    return (total - removed) / total
+@dataclass
+class _Cost:
+    """What a budget counts: ``per_entry(module path, tensor name)`` for one entry of a tensor, and the
+    model's total now."""
+
+    name: str  # the budget's argument, for messages
+    total: int
+    per_entry: Callable[[str, str], int]
 
 
-def _meet_params(
+def _cost(model: nn.Module, example_inputs: Any, measure: str) -> _Cost:
+    if measure == "params":
+        return _Cost("target_params", sum(p.numel() for p in model.parameters()), lambda path, name: 1)
+    uses = count_uses(model, example_inputs)
+    total = 0
+    for path, n in uses.items():
+        shape = shape_of(model.get_submodule(path), "weight")
+        total += n * (math.prod(shape) if shape is not None else 0)
+    if total == 0:
+        raise PruningValueError(
+            f"target_macs: {type(model).__name__} runs no Linear or Conv layer on the example inputs, so it "
+            "has no MACs to budget"
+        )
+    return _Cost("target_macs", total, lambda path, name: uses.get(path, 0) if name == "weight" else 0)
+
+
+def _left(
+    model: nn.Module, cands: list[_Candidate], selections: list[tuple[Group, torch.Tensor]], cost: _Cost
+) -> int:
+    """What the budget counts once the selected and the already dead units go, as compaction removes them."""
+    chosen = {id(g): units for g, units in selections}
+    none = torch.zeros(0, dtype=torch.long)
+    everything = [
+        (c.group, torch.cat([chosen.get(id(c.group), none), torch.nonzero(c.dead).flatten()]).unique())
+        for c in cands
+    ]
+    removed = 0
+    for (path, name), mask in _masks_for(model, everything).items():
+        per_entry = cost.per_entry(path, name)
+        if per_entry:
+            removed += per_entry * int((~mask).sum())
+    return cost.total - removed
+
+
+def _meet(
     model: nn.Module,
     cands: list[_Candidate],
     own: list[_Candidate],
     free: list[_Candidate],
     target: float,
     round_to: int | None,
+    cost: _Cost,
 ) -> float:
-    """The smallest amount (bisected to a unit) whose selection leaves at most ``target`` of the
-    parameters (``own`` are ranked alone, the rest globally); raises PruningValueError before anything
-    changes when no amount does."""
+    """The smallest amount (bisected to a unit) whose selection leaves at most ``target`` of what
+    ``cost`` counts (``own`` are ranked alone, the rest globally); raises PruningValueError before
+    anything changes when no amount does."""
 
     def left(a: float) -> float:
         for c in free:  # the groups ranked alone without an amount of their own
             c.amount = a
-        return _params_left(model, cands, _select(cands, own, a, round_to))
+        return _left(model, cands, _select(cands, own, a, round_to), cost) / cost.total
 
     least = left(1.0)
     if least > target:
+        what = "parameters" if cost.name == "target_params" else "MACs of its Linear and Conv layers"
         raise PruningValueError(
-            f"target_params={target} cannot be met: pruning every prunable unit still leaves {least:.3f} of "
-            "the parameters (groups that cannot be removed exactly, ignored layers and embeddings stay)"
+            f"{cost.name}={target} cannot be met: pruning every prunable unit still leaves {least:.3f} of "
+            f"the {what} (groups that cannot be removed exactly, ignored layers and embeddings stay)"
         )
     low, high = 0.0, 1.0
     for _ in range(40):
@@ -393,12 +429,47 @@ def _meet_params(
     return high
 
 
+def compacted_size(
+    model: nn.Module,
+    example_inputs: Any,
+    measure: str = "params",
+    *,
+    ignored_layers: Iterable[nn.Module | str] = (),
+    untouched_layers: Iterable[nn.Module | str] = (),
+    allow_inexact: bool = False,
+) -> tuple[int, int]:
+    """``(now, compacted)``: the model's parameters (``measure="params"``) or the MACs of its Linear and
+    Conv layers on ``example_inputs`` (``"macs"``, counted as :func:`masksparse.report` counts them),
+    now and once :func:`masksparse.compact` removes the units that are dead now (masked or all zero) in
+    the groups :func:`prune_channels` prunes: the figures ``target_params`` and ``target_macs`` budget.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse.structured import compacted_size, prune_channels
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> compacted_size(prune_channels(model, x, 0.5), x), compacted_size(model, x, "macs")
+        ((58, 30), (144, 72))
+    """
+    if measure not in ("params", "macs"):
+        raise PruningValueError(f"compacted_size: measure must be 'params' or 'macs', got {measure!r}")
+    ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
+    untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
+    cost = _cost(model, example_inputs, measure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KeptUnitsWarning)  # prune_channels itself says it
+        cands = _candidates(model, trace(model, example_inputs), 0.0, {}, ignored, untouched, allow_inexact)
+    return cost.total, _left(model, cands, [], cost)
+
+
 def prune_channels(
     model: nn.Module,
     example_inputs: Any,
     amount: float | int | None = None,
     *,
     target_params: float | None = None,
+    target_macs: float | None = None,
     importance: str | Criterion = "l1",
     global_ranking: bool = False,
     amounts: Mapping[nn.Module | str, float | int] | None = None,
@@ -431,6 +502,10 @@ def prune_channels(
             as compaction removes them: every slice the pruned units own, dead units included): the
             smallest amount that meets it is found, to within one unit per group. With
             ``global_ranking`` the units are ranked across groups as usual, so layers shrink unevenly.
+        target_macs: like ``target_params``, the fraction of the multiply-accumulates of the model's
+            Linear and Conv layers on ``example_inputs`` to keep (as :func:`masksparse.report` counts
+            them; attention's matmuls are not layers and are not counted). See :func:`compacted_size`
+            for both figures.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or ``fn(group, model) -> scores``
             (see :mod:`masksparse.importance`); with ``data``, also ``"activation"``, ``"apoz"``,
             ``"taylor"`` (see :mod:`masksparse.criteria.attribution`) or
@@ -484,14 +559,18 @@ def prune_channels(
         >>> torch.equal(ln_kept, model[0].bias_mask), int(ln_kept.sum())  # the same 4 of 8 units
         (True, 4)
     """
-    if (amount is None) == (target_params is None):
-        raise PruningValueError("prune_channels takes either amount or target_params, not both nor neither")
-    if target_params is not None and (
-        isinstance(target_params, bool)
-        or not isinstance(target_params, (int, float))
-        or not 0 < target_params < 1
+    asked = (("amount", amount), ("target_params", target_params), ("target_macs", target_macs))
+    given = [k for k, v in asked if v is not None]
+    if len(given) != 1:
+        raise PruningValueError(
+            "prune_channels takes one of amount, target_params or target_macs"
+            + (f", got {' and '.join(given)}" if given else ", got none")
+        )
+    budget = target_params if target_params is not None else target_macs
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1
     ):
-        raise PruningValueError(f"target_params must be a fraction in (0, 1), got {target_params!r}")
+        raise PruningValueError(f"{given[0]} must be a fraction in (0, 1), got {budget!r}")
     amount = _check_amount(0.0 if amount is None else amount, "amount")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PruningValueError(f"round_to must be a positive int or None, got {round_to!r}")
@@ -532,9 +611,10 @@ def prune_channels(
         for c in cands
         if not global_ranking or any(_under(m, p) for m in _producers(c.group) for p in per_module)
     ]
-    if target_params is not None:
+    if budget is not None:
+        cost = _cost(model, example_inputs, "params" if target_params is not None else "macs")
         free = [c for c in cands if not any(_under(m, p) for m in _producers(c.group) for p in per_module)]
-        amount = _meet_params(model, cands, own, [c for c in own if c in free], target_params, round_to)
+        amount = _meet(model, cands, own, [c for c in own if c in free], budget, round_to, cost)
     selections = _select(cands, own, amount, round_to)
     if reconstruct:
         assert data is not None  # checked on entry

@@ -139,6 +139,14 @@ def test_resuming_from_state_dicts_continues_exactly():
         ({"structured": True}, PruningValueError, "pass example_inputs"),
         ({"structured": True, "example_inputs": _X, "modules": ["0"]}, PruningValueError, "ignored_layers"),
         ({"structured": True, "example_inputs": _X, "method": "wanda"}, PruningValueError, "importance="),
+        ({"budget": "params"}, PruningValueError, "budget='params' counts what removing channels"),
+        ({"structured": True, "example_inputs": _X, "budget": "flops"}, PruningValueError, "budget must be"),
+        (
+            {"structured": True, "example_inputs": _X, "global_ranking": True},
+            PruningValueError,
+            "global_ranking cannot be passed on.*scope=",
+        ),
+        ({"structured": True, "example_inputs": _X, "target_params": 0.5}, PruningValueError, "budget="),
         (
             {
                 "structured": True,
@@ -246,3 +254,60 @@ def test_structured_masks_match_prune_channels_and_dropout_is_scaled():
     assert int(model[0].weight_mask.any(1).sum()) == 16 and pruner.sparsity == 0.5
     assert model[2].p == pytest.approx(0.4 * 16 / 32)
     assert pruner.state_dict()["units"] == 32
+
+
+@pytest.mark.parametrize("budget", ["params", "macs"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_structured_budgets_count_parameters_or_macs_against_the_start(budget, compact):
+    """budget='params'/'macs': each pruning step leaves at most 1 - fraction of the starting model's
+    parameters or MACs (as the compacted model counts them), within a unit; masked and compacted
+    runs prune alike."""
+    model = _mlp()
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_macs = masksparse.sparsity_report(model, _X).total.macs
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = GradualPruner(
+        model, 0.6, begin=2, end=10, every=4, structured=True, example_inputs=_X, budget=budget,
+        compact=compact, optimizer=opt if compact else None,
+    )  # fmt: skip
+    _train(model, pruner, 12, opt=opt)
+    assert [h.step for h in pruner.history] == [2, 6, 10]
+    for h in pruner.history:
+        assert h.reached >= h.target - 1e-9 and h.reached < h.target + 0.06, h
+    small = model if compact else masksparse.compact(model, _X)
+    params = sum(p.numel() for p in small.parameters()) / dense_params
+    macs = masksparse.sparsity_report(small, _X).total.macs / dense_macs
+    left = params if budget == "params" else macs
+    assert left == pytest.approx(1 - pruner.sparsity) and left <= 0.4
+    assert pruner.state_dict()["original"] == (dense_params if budget == "params" else dense_macs)
+
+
+def test_a_budget_the_model_cannot_meet_names_the_step():
+    model = nn.Sequential(nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 200))  # the classifier dominates
+    pruner = GradualPruner(model, 0.9, end=1, structured=True, example_inputs=_X, budget="params")
+    with pytest.raises(PruningValueError, match="at step 1 the schedule asks for 0.900 of the params"):
+        pruner.step()
+
+
+def test_compacting_in_place_while_the_last_graph_is_still_alive():
+    """A training loop keeps ``loss`` (and with it the last autograd graph) alive while pruner.step()
+    compacts: the next backward must see the new shapes, not the old graph's gradient accumulators."""
+    model = _mlp()
+    model[0].weight.tag = "first"  # attributes and the Parameter object survive compaction
+    first = model[0].weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = GradualPruner(
+        model, 0.5, end=4, every=2, structured=True, example_inputs=_X, compact=True, optimizer=opt
+    )
+    g = torch.Generator().manual_seed(0)
+    kept = []
+    for _ in range(6):
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        pruner.step()
+        kept.append(loss)  # every graph stays alive
+    assert model[0].out_features == 16 and model[0].weight is first and first.tag == "first"
+    assert type(first) is nn.Parameter and first.grad is None or first.grad.shape == first.shape

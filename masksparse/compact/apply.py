@@ -107,8 +107,27 @@ def _slice(
                     state[key] = _select(val, dim, index)
             grad = None if param.grad is None else _select(param.grad, dim, index)
             param.grad = None
-            param.data = _select(param.data, dim, index)
+            _replace_data(param, _select(param.data, dim, index))
             param.grad = grad
+
+
+def _replace_data(param: nn.Parameter, data: torch.Tensor) -> None:
+    """Give ``param`` (the same Python object) the smaller ``data``.
+
+    ``param.data = data`` alone would keep the parameter's gradient accumulator, which an autograd graph
+    still alive from the last step (a training loop's ``loss`` variable) holds with the old shape, and
+    the next backward would fail on it; swapping in a fresh tensor gives the next graph a new one. The
+    class and the attributes stay. A parameter that cannot be swapped (one with weak references to it)
+    gets the plain ``.data`` assignment.
+    """
+    fresh = nn.Parameter(data, requires_grad=param.requires_grad)
+    try:
+        if type(param) is not nn.Parameter:
+            fresh.__class__ = type(param)
+        fresh.__dict__.update(param.__dict__)
+        torch.utils.swap_tensors(param, fresh)
+    except (RuntimeError, TypeError):
+        param.data = data
 
 
 def _select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from masksparse.importance import Criterion
 from masksparse.prune.functional import narrow
 from masksparse.prune.select import MagnitudeScores, select_smallest
 from masksparse.schedule import curves
-from masksparse.structured import prunable_units, prune_channels
+from masksparse.structured import compacted_size, prunable_units, prune_channels
 from masksparse.unstructured import METHODS, prune_unstructured
 
 __all__ = ["GradualPruner", "PruningStep"]
@@ -123,7 +123,13 @@ class GradualPruner:
         data: calibration batches for the data-driven methods (and the data-driven importances).
         structured: prune whole channel groups with :func:`masksparse.prune_channels`: ``target`` and
             the schedule are then fractions of the prunable units, counted against the units the model
-            had when the pruner was made.
+            had when the pruner was made (or of its parameters or MACs: see ``budget``).
+        budget: with ``structured``, what ``target`` and the schedule count: ``"units"`` (the default),
+            ``"params"`` (the fraction of the model's parameters removed) or ``"macs"`` (of the MACs of
+            its Linear and Conv layers on ``example_inputs``), counted against the model the pruner
+            was made with and as compaction removes them (:func:`masksparse.structured.compacted_size`).
+            Each pruning step meets its fraction within one unit per group (``prune_channels`` with
+            ``target_params`` / ``target_macs``).
         example_inputs: what to trace the model with (needed with ``structured``).
         importance: the channel importance for ``structured`` (see :func:`masksparse.prune_channels`).
         compact: compact the model in place after every structured pruning step.
@@ -188,6 +194,7 @@ class GradualPruner:
         compact: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         adjust_dropout: bool = False,
+        budget: str = "units",
         **options: Any,
     ) -> None:
         self.begin, self.end = _int(begin, "begin", 0), _int(end, "end", 0)
@@ -212,6 +219,21 @@ class GradualPruner:
         _check_structured(
             model, structured, example_inputs, compact, optimizer, adjust_dropout, method, modules
         )
+        if budget not in ("units", "params", "macs"):
+            raise PruningValueError(
+                f"GradualPruner: budget must be 'units', 'params' or 'macs', got {budget!r}"
+            )
+        if budget != "units" and not structured:
+            raise PruningValueError(
+                f"GradualPruner: budget={budget!r} counts what removing channels saves and needs "
+                "structured=True (unstructured targets are fractions of the chosen weights)"
+            )
+        clash = sorted({"amount", "target_params", "target_macs", "global_ranking"} & set(options))
+        if clash:
+            raise PruningValueError(
+                f"GradualPruner: {', '.join(clash)} cannot be passed on: the schedule sets how much is "
+                "pruned (target, budget=) and scope= sets the ranking ('global' ranks across groups)"
+            )
         if scope == "global" and method != "magnitude" and not structured:
             raise PruningValueError(f"GradualPruner: {method} ranks within each layer; use scope='layer'")
         if method != "magnitude" and data is None:
@@ -222,6 +244,7 @@ class GradualPruner:
         self.options = options
         self.structured, self.example_inputs, self.importance = structured, example_inputs, importance
         self.compact, self.optimizer, self.adjust_dropout = compact, optimizer, adjust_dropout
+        self.budget = budget
         self.steps_taken = 0
         self.history: list[PruningStep] = []
         if structured:
@@ -229,6 +252,10 @@ class GradualPruner:
             units, dead = self._units()
             self.units = units  # the prunable units at the start, which the schedule counts against
             self._size, self._alive = units, units - dead  # now: training changes neither
+            if budget != "units":
+                # the dense figure the budget counts against, and what is left of it now
+                self.original, self._left = self._measure()
+                self._left = min(self._left, self.original)
         else:
             self.layers = _layers(model, modules)
 
@@ -252,6 +279,8 @@ class GradualPruner:
         """The fraction of the chosen weights pruned now (masked entries over original sizes); with
         ``structured``, the fraction of the prunable units gone (masked or compacted away)."""
         if self.structured:
+            if self.budget != "units":
+                return 1.0 - self._left / self.original
             return 1.0 - self._alive / self.units
         total = sum(_weight(m).numel() for m in self.layers.values())
         return self._pruned() / total
@@ -288,19 +317,47 @@ class GradualPruner:
             self.model, self.example_inputs, **{k: self.options[k] for k in keys if k in self.options}
         )
 
+    def _measure(self) -> tuple[int, int]:
+        keys = ("ignored_layers", "untouched_layers", "allow_inexact")
+        return compacted_size(
+            self.model, self.example_inputs, self.budget,
+            **{k: self.options[k] for k in keys if k in self.options},
+        )  # fmt: skip
+
+    def _how_much(self, fraction: float) -> dict[str, Any] | None:
+        """The ``prune_channels`` argument that leaves ``1 - fraction`` of what the budget counts at the
+        start, or None when that is already met."""
+        if self.budget == "units":
+            # self._size: fewer than self.units once compacted
+            return {"amount": min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / self._size))}
+        now, left = self._measure()
+        keep = (1.0 - fraction) * self.original
+        if left <= keep:
+            return None
+        return {f"target_{self.budget}": keep / now}
+
     def _prune_channels(self, fraction: float) -> None:
         """Mask (and with ``compact``, remove) units until ``1 - fraction`` of the starting units are
         left; in eval mode, so dropout and BatchNorm statistics do not change the verified outputs."""
         training = self.model.training
         self.model.eval()
         try:
-            # self._size: fewer than self.units once compacted
-            amount = min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / self._size))
+            how_much = self._how_much(fraction)
+            if how_much is None:
+                return
             before = self._alive
-            prune_channels(
-                self.model, self.example_inputs, amount, importance=self.importance,
-                global_ranking=self.scope == "global", data=self.data, **self.options,
-            )  # fmt: skip
+            try:
+                prune_channels(
+                    self.model, self.example_inputs, importance=self.importance,
+                    global_ranking=self.scope == "global", data=self.data, **how_much, **self.options,
+                )  # fmt: skip
+            except PruningValueError as exc:
+                if self.budget == "units" or "cannot be met" not in str(exc):
+                    raise
+                raise PruningValueError(
+                    f"GradualPruner: at step {self.steps_taken} the schedule asks for {fraction:.3f} of the "
+                    f"{self.budget} removed, which cannot be met ({exc}); lower target"
+                ) from exc
             if self.compact:
                 keys = ("allow_inexact",)
                 compact_model(
@@ -309,6 +366,8 @@ class GradualPruner:
                 )  # fmt: skip
             self._size, dead = self._units()
             self._alive = self._size - dead
+            if self.budget != "units":
+                self._left = self._measure()[1]
             if self.adjust_dropout and before > 0:
                 for m in self.model.modules():
                     if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -336,6 +395,8 @@ class GradualPruner:
         state: dict[str, Any] = {"steps_taken": self.steps_taken, "history": [tuple(h) for h in self.history]}
         if self.structured:
             state["units"] = self.units
+            if self.budget != "units":
+                state["original"] = self.original
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -347,6 +408,8 @@ class GradualPruner:
         self.history = [PruningStep(*h) for h in state["history"]]
         if self.structured and "units" in state:
             self.units = _int(state["units"], "units", 1)
+        if self.structured and self.budget != "units" and "original" in state:
+            self.original = _int(state["original"], "original", 1)
 
 
 def _check_structured(
