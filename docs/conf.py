@@ -34,7 +34,10 @@ exclude_patterns = ["_build", "_ext"]
 # masksparse builds on: there is no network at build time for intersphinx, so those stay plain text.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|torchvision|numpy|collections|typing|types|os|pathlib)(\..*)?"),
+    (
+        r"py:.*",
+        r"(torch|torchvision|numpy|collections|typing|types|os|pathlib|transformers|lightning)(\..*)?",
+    ),
     # Private helpers (e.g. the shared base of the unstructured methods) appear as bases, not as pages.
     (r"py:class", r"masksparse(\.\w+)*\._\w+"),
 ]

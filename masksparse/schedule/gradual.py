@@ -259,6 +259,18 @@ class GradualPruner:
         else:
             self.layers = _layers(model, modules)
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Slice ``optimizer``'s state at every later compaction: for an optimizer made after the pruner
+        (a Hugging Face ``Trainer`` or Lightning makes its own; their callbacks in
+        :mod:`masksparse.integrations` call this). Needs ``structured=True, compact=True``."""
+        if not (self.structured and self.compact):
+            raise PruningValueError(
+                "GradualPruner.attach_optimizer: the optimizer is sliced only with structured=True, "
+                "compact=True"
+            )
+        _check_optimizer(self.model, optimizer)
+        self.optimizer = optimizer
+
     def fraction_at(self, step: int) -> float:
         """The schedule's target fraction at ``step``."""
         if callable(self.schedule):
@@ -446,10 +458,18 @@ def _check_structured(
     if optimizer is not None and not compact:
         raise PruningValueError("GradualPruner: optimizer is sliced only with compact=True")
     if optimizer is not None:
-        own = {id(p) for p in model.parameters()}
-        stray = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
-        if stray:
-            raise PruningValueError(
-                f"GradualPruner: the optimizer holds {len(stray)} parameter(s) not in the model (the "
-                f"first of shape {tuple(stray[0].shape)}); pass the optimizer that trains this model"
-            )
+        _check_optimizer(model, optimizer)
+
+
+def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise PruningTypeError(
+            f"GradualPruner: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    own = {id(p) for p in model.parameters()}
+    stray = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+    if stray:
+        raise PruningValueError(
+            f"GradualPruner: the optimizer holds {len(stray)} parameter(s) not in the model (the "
+            f"first of shape {tuple(stray[0].shape)}); pass the optimizer that trains this model"
+        )
