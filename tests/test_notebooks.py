@@ -87,6 +87,9 @@ def check_tutorial_3(values: dict[str, Any]) -> None:
     assert abs(values["gradual_sparsity"] - 0.9) < 1e-3
     assert values["gradual_accuracy"] >= values["dense_accuracy"] - 0.005
     assert values["gradual_accuracy"] >= values["oneshot_accuracy"]
+    # "It keeps under a third of the parameters and ends within a point of the dense model"
+    assert values["structured_params"] < 1 / 3 and values["params"] == sorted(values["params"], reverse=True)
+    assert values["structured_accuracy"] >= values["dense_accuracy"] - 0.01
 
 
 CHECKS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
@@ -117,6 +120,9 @@ CHECKS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
             "gradual_accuracy",
             "gradual_sparsity",
             "oneshot_accuracy",
+            "structured_accuracy",
+            "structured_params",
+            "params",
         ],
         check_tutorial_3,
     ),
