@@ -20,6 +20,11 @@ model, for scale; the gradual run's first epoch includes its pruning and compact
     python benchmarks/gradual.py                    # 90%, 3 seeds
     python benchmarks/gradual.py --target 0.95 --seeds 0
     python benchmarks/gradual.py --structured --target 0.5
+    python benchmarks/gradual.py --structured --target 0.7 --budget params   # remove 70% of the parameters
+
+``--budget params`` / ``macs`` (with ``--structured``): ``--target`` is the fraction of the parameters or
+MACs removed instead (one-shot: ``prune_channels(target_params=1 - target)``; gradual:
+``GradualPruner(budget=...)``).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _epochs(
     pruner = None
     if pruner_args is not None:
         pruner = GradualPruner(model, args.target, structured=True, example_inputs=_X, compact=True,
-                               optimizer=opt, **pruner_args)  # fmt: skip
+                               optimizer=opt, budget=args.budget, **pruner_args)  # fmt: skip
     seconds = []
     torch.set_num_threads(1)
     model.train()
@@ -118,7 +123,10 @@ def run_structured(seed: int, args: argparse.Namespace) -> list[list[object]]:
                                  f"{secs[0]:.2f}", f"{secs[-1]:.2f}"]]  # fmt: skip
 
     oneshot = copy.deepcopy(dense)
-    prune_channels(oneshot, _X, args.target)
+    if args.budget == "units":
+        prune_channels(oneshot, _X, args.target)
+    else:
+        prune_channels(oneshot, _X, **{f"target_{args.budget}": 1 - args.target})
     oneshot = compact(oneshot, _X)
     pruned_acc = evaluate(oneshot, test_set)
     _, secs = _epochs(oneshot, train_set, args, seed + 1)
@@ -131,7 +139,8 @@ def run_structured(seed: int, args: argparse.Namespace) -> list[list[object]]:
         gradual, train_set, args, seed + 1, {"end": int(args.ramp * steps), "every": args.every}
     )
     assert pruner is not None
-    rows.append([seed, "gradual", f"{pruner.sparsity:.1%} of channels", f"{evaluate(gradual, test_set):.2%}",
+    unit = "channels" if args.budget == "units" else args.budget
+    rows.append([seed, "gradual", f"{pruner.sparsity:.1%} of {unit}", f"{evaluate(gradual, test_set):.2%}",
                  f"{_params(gradual) / total:.3f}", f"{secs[0]:.2f}", f"{secs[-1]:.2f}"])  # fmt: skip
     return rows
 
@@ -146,6 +155,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--structured", action="store_true", help="channels, compacted in place")
+    parser.add_argument("--budget", choices=("units", "params", "macs"), default="units")
     args = parser.parse_args()
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
