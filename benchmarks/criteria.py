@@ -29,7 +29,10 @@ from torch import nn
 from masksparse import compact, prune_channels
 from masksparse.examples import LeNet, evaluate, load_digits, train
 
-CRITERIA = ("random", "l1", "l2", "activation", "apoz", "taylor", "l1+reconstruct", "activation+reconstruct")
+CRITERIA = (
+    "random", "l1", "l2", "activation", "apoz", "taylor", "hessian", "l1+reconstruct", "activation+reconstruct",
+    "hessian+reconstruct",
+)  # fmt: skip
 
 
 def _params(model: nn.Module) -> int:
@@ -71,11 +74,11 @@ def minilm(calibration: int) -> None:
     evals = _minilm.batches(tok, _minilm.sentences("evaluation", 256))
     reference = _minilm.embed(dense, evals)
     rows = []
-    for name in ("random", "l1", "activation", "apoz"):
+    for name in ("random", "l1", "activation", "apoz", "hessian"):
         for rebuild in (False, True):
             model = copy.deepcopy(dense)
             torch.manual_seed(0)
-            data = calib if rebuild or name in ("activation", "apoz") else None
+            data = calib if rebuild or name in ("activation", "apoz", "hessian") else None
             start = time.perf_counter()
             prune_channels(model, calib[0], 0.25, importance=name, data=data, reconstruct=rebuild)
             small = compact(model, calib[0])

@@ -1,4 +1,4 @@
-"""Data-driven structured criteria (activation, APoZ, Taylor): the scores are the papers' definitions
+"""Data-driven structured criteria (activation, APoZ, Taylor, Hessian): the scores are the papers' definitions
 computed by hand, every group member contributes, the model and its gradients are left as they were,
 and the result still compacts exactly."""
 
@@ -147,3 +147,36 @@ def test_reconstruct_needs_data():
     with pytest.raises(PruningValueError, match="reconstruct=True refits layers on calibration data"):
         prune_channels(model, torch.randn(2, 6), 0.5, reconstruct=True)
     assert not hasattr(model[0], "weight_mask")
+
+
+def test_hessian_is_the_obs_saliency_of_each_consumer_column():
+    model, data = _mlp(), _batches()
+    h = torch.cat([torch.relu(model[0](x)) for x, _ in data]).double()
+    xtx = h.T @ h
+    xtx += 0.01 * xtx.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    scores = model[2].weight.detach().double().pow(2).sum(0) / torch.linalg.inv(xtx).diagonal()
+    prune_channels(model, data[0][0], 0.5, importance="hessian", data=[x for x, _ in data])
+    assert torch.equal(_kept(model), _expected(scores, 4))
+
+
+def test_hessian_finds_the_unit_others_can_stand_in_for():
+    """A hidden unit that duplicates another can go at no cost once the other takes over its share: the
+    Hessian criterion prunes one of the pair, and with reconstruct=True the outputs do not move, while
+    activation + reconstruct, which ranks by weight times input size, prunes another and pays for it."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[7] = model[0].weight[0]
+        model[0].bias[7] = model[0].bias[0]
+    x = torch.randn(512, 6)
+    dense_out = model(x).detach()
+    by_activation, by_hessian = copy.deepcopy(model), copy.deepcopy(model)
+    prune_channels(by_activation, x[:2], 1, importance="activation", data=[x], reconstruct=True)
+    prune_channels(by_hessian, x[:2], 1, importance="hessian", data=[x], reconstruct=True)
+    pruned = torch.nonzero(~_kept(by_hessian)).flatten().tolist()
+    assert pruned in ([0], [7]) and torch.nonzero(~_kept(by_activation)).flatten().tolist() not in ([0], [7])
+    hessian_error = ((by_hessian(x) - dense_out) ** 2).mean()
+    activation_error = ((by_activation(x) - dense_out) ** 2).mean()
+    assert hessian_error < 1e-2 * (dense_out**2).mean() and hessian_error < 0.25 * activation_error
+    small = masksparse.compact(by_hessian, x[:4])
+    assert torch.allclose(small(x), by_hessian(x), atol=1e-5)

@@ -71,6 +71,10 @@ def test_masks_only_grow_and_masked_weights_stay_zero_while_training():
         (hook,) = layer._forward_pre_hooks.values()
         assert getattr(hook, "mask", layer.weight_mask) is layer.weight_mask  # one mask, no containers
         assert [n for n, _ in layer.named_buffers()] == ["weight_mask"]
+        assert layer.weight_mask.dtype == torch.bool
+    # and the pruner itself keeps no tensors: its history is (step, target, reached) numbers
+    assert not [k for k, v in vars(pruner).items() if isinstance(v, torch.Tensor)]
+    assert all(isinstance(x, (int, float)) for h in pruner.history for x in h)
 
 
 def test_layer_scope_prunes_every_layer_to_the_fraction():

@@ -10,7 +10,13 @@ criterion then scores a group from those, every member contributing:
 - ``"apoz"``: one minus the average percentage of zeros the unit's activations show at its consumers'
   inputs (Hu et al., 2016: units that are almost always zero after a ReLU matter least);
 - ``"taylor"``: first-order Taylor expansion of the loss, ``sum |w * dL/dw|`` over every parameter
-  slice of the unit (Molchanov et al., 2019), with the gradient summed over the batches.
+  slice of the unit (Molchanov et al., 2019), with the gradient summed over the batches;
+- ``"hessian"``: Optimal Brain Surgeon's saliency of each consumer input column,
+  ``||W[:, j]||^2 / [H^-1]_jj`` with ``H = X^T X`` (dampened by 1% of its mean diagonal; Hassibi &
+  Stork, 1993, as SparseGPT uses it): the output error left once the other columns compensate for the
+  removed one, so a unit the rest can stand in for scores low even when its weights are large. It
+  pairs with ``reconstruct=True``, which makes that compensation. A convolution's columns are its input
+  channels, with ``H`` over channels (every position a row).
 
 Scores are divided by their mean per member before members are averaged, so a group's members weigh
 alike and ``global_ranking`` compares groups on one scale. A group with no Linear/Conv consumer (for
@@ -32,7 +38,7 @@ from masksparse.criteria.calibration import LayerStats, _batch_error, _batch_run
 from masksparse.graph import Group, Member
 from masksparse.importance import is_parameter, magnitude, per_unit, reduce_slices, tensor_of
 
-__all__ = ["Attribution", "activation", "apoz", "gather", "taylor"]
+__all__ = ["Attribution", "activation", "apoz", "gather", "hessian", "taylor"]
 
 
 @dataclasses.dataclass
@@ -103,13 +109,14 @@ def gather(
     data: Iterable[Any],
     groups: Sequence[Group],
     *,
-    inputs: bool,
+    inputs: bool | str,
     grads: bool,
     loss_fn: LossFn | None = None,
     forward: Forward | None = None,
 ) -> Attribution:
-    """Calibrate what the groups' criteria read (see the module docstring); the model is not changed
-    (gradients already on its parameters are put back)."""
+    """Calibrate what the groups' criteria read (see the module docstring); ``inputs="hessian"`` also
+    gathers each consumer's ``X^T X``. The model is not changed (gradients already on its parameters are
+    put back)."""
     data = list(batches(data))
     members = [m for g in groups for m in g.members]
     stats: dict[str, LayerStats] = {}
@@ -117,7 +124,9 @@ def gather(
         consumers = sorted({m.module for m in members if _consumes(model, m)})
         if consumers:
             runs = _batch_runs(model, data, loss_fn, forward)
-            stats = _run_pass(model, runs, consumers, None, hessian=False, dtype=torch.float32, bar=None)
+            stats = _run_pass(
+                model, runs, consumers, None, hessian=inputs == "hessian", dtype=torch.float32, bar=None
+            )
     found = {}
     if grads:
         found = _gradients(model, data, [m for m in members if is_parameter(model, m)], loss_fn, forward)
@@ -171,13 +180,34 @@ def taylor(group: Group, model: nn.Module, att: Attribution) -> torch.Tensor:
     return _or_l1(_mean_normalised(scores), group, model)
 
 
+def hessian(group: Group, model: nn.Module, att: Attribution) -> torch.Tensor:
+    """``||W[:, j]||^2 / [(X^T X + damp I)^-1]_jj`` over the unit's input columns at every consumer."""
+    scores = []
+    for m in group.members:
+        stats = att.inputs.get(m.module)
+        t = tensor_of(model.get_submodule(m.module), m.tensor)
+        if stats is None or stats.xtx is None or t is None or not _consumes(model, m):
+            continue
+        h = stats.xtx.double().clone()
+        diag = torch.diagonal(h)
+        dead = diag == 0
+        diag[dead] = 1.0  # a column that is always zero: its saliency is 0 through its weights below
+        diag += 0.01 * float(diag.mean())
+        inverse_diag = torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
+        weights = reduce_slices(t, 1, 2).cpu()
+        weights[dead.cpu()] = 0.0  # it contributes nothing: removing it costs nothing
+        scores.append(per_unit(m, weights / inverse_diag.cpu(), group.size))
+    return _or_l1(_mean_normalised(scores), group, model)
+
+
 def _or_l1(scores: torch.Tensor | None, group: Group, model: nn.Module) -> torch.Tensor:
     return scores if scores is not None else magnitude(group, model, 1)
 
 
-# name -> (score, reads consumer inputs, reads gradients)
-DATA_CRITERIA: dict[str, tuple[Callable[[Group, nn.Module, Attribution], torch.Tensor], bool, bool]] = {
+# name -> (score, reads consumer inputs ("hessian": with X^T X), reads gradients)
+DATA_CRITERIA: dict[str, tuple[Callable[[Group, nn.Module, Attribution], torch.Tensor], bool | str, bool]] = {
     "activation": (activation, True, False),
     "apoz": (apoz, True, False),
+    "hessian": (hessian, "hessian", False),
     "taylor": (taylor, False, True),
 }
