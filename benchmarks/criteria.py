@@ -30,8 +30,8 @@ from masksparse import compact, prune_channels
 from masksparse.examples import LeNet, evaluate, load_digits, train
 
 CRITERIA = (
-    "random", "l1", "l2", "activation", "apoz", "taylor", "hessian", "l1+reconstruct", "activation+reconstruct",
-    "hessian+reconstruct",
+    "random", "l1", "l2", "activation", "apoz", "taylor", "hessian",
+    "l1+reconstruct", "activation+reconstruct", "hessian+reconstruct",
 )  # fmt: skip
 
 
