@@ -30,7 +30,7 @@ from masksparse import compact, prune_channels
 from masksparse.examples import LeNet, evaluate, load_digits, train
 
 CRITERIA = (
-    "random", "l1", "l2", "activation", "apoz", "taylor", "hessian",
+    "random", "l1", "l2", "activation", "apoz", "taylor", "hessian", "sensitivity", "shapley",
     "l1+reconstruct", "activation+reconstruct", "hessian+reconstruct",
 )  # fmt: skip
 

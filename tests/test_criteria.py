@@ -180,3 +180,61 @@ def test_hessian_finds_the_unit_others_can_stand_in_for():
     assert hessian_error < 1e-2 * (dense_out**2).mean() and hessian_error < 0.25 * activation_error
     small = masksparse.compact(by_hessian, x[:4])
     assert torch.allclose(small(x), by_hessian(x), atol=1e-5)
+
+
+def _loss(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in data)
+
+
+def test_sensitivity_is_the_loss_rise_when_a_unit_alone_goes():
+    model, data = _mlp(), _batches()
+    base = _loss(model, data)
+    rises = []
+    for u in range(8):
+        trial = copy.deepcopy(model)
+        with torch.no_grad():
+            trial[0].weight[u] = 0
+            trial[0].bias[u] = 0
+            trial[2].weight[:, u] = 0
+        rises.append(_loss(trial, data) - base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_channels(
+        model, data[0][0], 3, importance="sensitivity", data=data, loss_fn=nn.functional.cross_entropy
+    )
+    assert torch.equal(_kept(model), _expected(torch.tensor(rises), 3))
+    assert torch.equal(model[0].weight_orig, before["0.weight"])  # every trial was put back
+
+
+def test_shapley_values_add_up_to_removing_the_whole_group():
+    """Efficiency: in every sampled order the marginal rises add up to the loss of the model without
+    the group, so the averaged values do too; a unit that does nothing gets 0."""
+    from masksparse.criteria.attribution import Attribution, Shapley
+
+    model, data = _mlp(), _batches()
+    with torch.no_grad():
+        model[2].weight[:, 3] = 0  # unit 3 reaches nothing
+    graph = masksparse.trace(model, data[0][0])
+    (group,) = [g for g in graph.groups if g.size == 8]
+    att = Attribution({}, {}, lambda: _loss(model, data))
+    values = Shapley(samples=3)(group, model, att)
+    empty = copy.deepcopy(model)
+    with torch.no_grad():
+        empty[0].weight.zero_(), empty[0].bias.zero_(), empty[2].weight.zero_()
+    assert float(values.sum()) == pytest.approx(_loss(empty, data) - _loss(model, data), rel=1e-9)
+    assert float(values[3]) == pytest.approx(0.0, abs=1e-9)
+    assert torch.equal(values, Shapley(samples=3)(group, model, att))  # seeded
+    with pytest.raises(PruningValueError, match="samples must be an int >= 1"):
+        Shapley(samples=0)
+    masksparse.prune_channels(
+        model, data[0][0], 2, importance=Shapley(samples=3), data=data, loss_fn=nn.functional.cross_entropy
+    )
+    assert torch.equal(_kept(model), _expected(values, 2))
+
+
+def test_loss_criteria_say_when_there_is_no_loss():
+    model = _mlp()
+    for importance in ("sensitivity", "shapley"):
+        with pytest.raises(PruningValueError, match="needs a loss"):
+            prune_channels(model, torch.randn(2, 6), 0.5, importance=importance, data=[torch.randn(4, 6)])
+        assert not hasattr(model[0], "weight_mask")

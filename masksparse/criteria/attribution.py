@@ -16,7 +16,16 @@ criterion then scores a group from those, every member contributing:
   Stork, 1993, as SparseGPT uses it): the output error left once the other columns compensate for the
   removed one, so a unit the rest can stand in for scores low even when its weights are large. It
   pairs with ``reconstruct=True``, which makes that compensation. A convolution's columns are its input
-  channels, with ``H`` over channels (every position a row).
+  channels, with ``H`` over channels (every position a row);
+- ``"sensitivity"``: how much the calibration loss rises when the unit alone is removed (every slice it
+  owns zeroed, then put back): one pass over the data per unit;
+- ``"shapley"``: the unit's Shapley value for the loss (Ancona et al., 2020, as TorchPruner computes
+  it), sampled: over random orders of the group's units, the loss each unit adds when it is removed
+  after the ones before it, averaged. ``Shapley(samples=...)`` sets the number of orders (default 4;
+  each costs one pass over the data per unit), so it suits small groups.
+
+The last two score on the loss itself, so they are comparable across groups as they are and are not
+normalised; they need a loss like ``"taylor"``.
 
 Scores are divided by their mean per member before members are averaged, so a group's members weigh
 alike and ``global_ranking`` compares groups on one scale. A group with no Linear/Conv consumer (for
@@ -36,9 +45,9 @@ from masksparse._errors import PruningValueError
 from masksparse._feed import Forward, LossFn, batches, loss_of, run_batch
 from masksparse.criteria.calibration import LayerStats, _batch_error, _batch_runs, _run_pass
 from masksparse.graph import Group, Member
-from masksparse.importance import is_parameter, magnitude, per_unit, reduce_slices, tensor_of
+from masksparse.importance import is_parameter, magnitude, per_unit, reduce_slices, tensor_of, unit_indices
 
-__all__ = ["Attribution", "activation", "apoz", "gather", "hessian", "taylor"]
+__all__ = ["Attribution", "Shapley", "activation", "apoz", "gather", "hessian", "sensitivity", "taylor"]
 
 
 @dataclasses.dataclass
@@ -48,6 +57,7 @@ class Attribution:
 
     inputs: dict[str, LayerStats]
     grads: dict[tuple[str, str], torch.Tensor]
+    loss: Callable[[], float] | None = None  # the summed calibration loss of the model as it is now
 
 
 def _consumes(model: nn.Module, m: Member) -> bool:
@@ -62,6 +72,12 @@ def _consumes(model: nn.Module, m: Member) -> bool:
 def _param(model: nn.Module, m: Member) -> nn.Parameter | None:
     module = model.get_submodule(m.module)
     return module._parameters.get(m.tensor + "_orig", module._parameters.get(m.tensor))
+
+
+_NO_LOSS = (
+    "this criterion needs a loss: pass loss_fn (called as loss_fn(model(inputs), target) on (inputs, target) "
+    "batches) or forward(model, batch) returning the loss"
+)
 
 
 def _gradients(
@@ -88,9 +104,7 @@ def _gradients(
                 and result.numel() != 1
             ):
                 raise PruningValueError(
-                    "this criterion needs a loss: pass loss_fn (called as loss_fn(model(inputs), target) on "
-                    "(inputs, target) batches) or forward(model, batch) returning the loss; the model "
-                    f"returned a tensor of shape {tuple(result.shape)}"
+                    _NO_LOSS + f"; the model returned a tensor of shape {tuple(result.shape)}"
                 )
             loss_of(result).backward()
         out = {}
@@ -130,7 +144,71 @@ def gather(
     found = {}
     if grads:
         found = _gradients(model, data, [m for m in members if is_parameter(model, m)], loss_fn, forward)
-    return Attribution(stats, found)
+    return Attribution(stats, found, _loss_closure(model, data, loss_fn, forward))
+
+
+def _loss_closure(
+    model: nn.Module, data: Sequence[Any], loss_fn: LossFn | None, forward: Forward | None
+) -> Callable[[], float]:
+    def total() -> float:
+        training = model.training
+        model.eval()  # dropout off: the same loss for the same weights
+        try:
+            out = 0.0
+            with torch.no_grad():
+                for i, batch in enumerate(data):
+                    try:
+                        result = run_batch(model, batch, loss_fn=loss_fn, forward=forward)
+                    except Exception as exc:  # the user's model or data: say which batch, keep the cause
+                        raise _batch_error(i, model, exc) from exc
+                    unreduced = isinstance(result, torch.Tensor) and result.numel() != 1
+                    if loss_fn is None and forward is None and unreduced:
+                        shape = tuple(result.shape)
+                        raise PruningValueError(_NO_LOSS + f"; the model returned a tensor of shape {shape}")
+                    out += float(loss_of(result))
+            return out
+        finally:
+            model.train(training)
+
+    return total
+
+
+class _Removed:
+    """Zero every parameter slice some units of a group own, and put them back on exit."""
+
+    def __init__(self, model: nn.Module, group: Group, units: torch.Tensor) -> None:
+        self.saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        chosen = torch.zeros(group.size, dtype=torch.bool)
+        chosen[units] = True
+        self.targets = []
+        for m in group.members:
+            param = _param(model, m) if is_parameter(model, m) else None
+            if param is None:
+                continue
+            flat, unit = unit_indices(m)
+            index = flat[chosen[unit]].to(param.device)
+            if len(index):
+                self.targets.append((param, m.dim, index))
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for param, dim, index in self.targets:
+                self.saved.append((param, dim, index, param.index_select(dim, index)))
+                param.index_fill_(dim, index, 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for param, dim, index, values in reversed(self.saved):
+                param.index_copy_(dim, index, values)
+        self.saved.clear()
+
+
+def _needs_loss(att: Attribution) -> Callable[[], float]:
+    if att.loss is None:
+        raise PruningValueError(
+            "this criterion evaluates the calibration loss: build the attribution with gather"
+        )
+    return att.loss
 
 
 def _mean_normalised(scores: list[torch.Tensor]) -> torch.Tensor | None:
@@ -200,6 +278,59 @@ def hessian(group: Group, model: nn.Module, att: Attribution) -> torch.Tensor:
     return _or_l1(_mean_normalised(scores), group, model)
 
 
+def sensitivity(group: Group, model: nn.Module, att: Attribution) -> torch.Tensor:
+    """The rise of the calibration loss when the unit alone is removed."""
+    loss = _needs_loss(att)
+    base = loss()
+    out = torch.zeros(group.size, dtype=torch.float64)
+    for u in range(group.size):
+        with _Removed(model, group, torch.tensor([u])):
+            out[u] = loss() - base
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapley:
+    """The sampled Shapley value of each unit for the calibration loss, as an ``importance``:
+    ``prune_channels(..., importance=Shapley(samples=8), data=..., loss_fn=...)``. ``importance="shapley"``
+    is ``Shapley()``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from masksparse import prune_channels
+        >>> from masksparse.criteria.attribution import Shapley
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+        >>> _ = prune_channels(model, data[0][0], 0.5, importance=Shapley(samples=2), data=data,
+        ...                    loss_fn=nn.functional.cross_entropy)
+        >>> int(model[0].weight_mask.any(1).sum())
+        3
+    """
+
+    samples: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise PruningValueError(f"Shapley: samples must be an int >= 1, got {self.samples!r}")
+
+    def __call__(self, group: Group, model: nn.Module, att: Attribution) -> torch.Tensor:
+        loss = _needs_loss(att)
+        generator = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros(group.size, dtype=torch.float64)
+        base = loss()
+        for _ in range(self.samples):
+            order = torch.randperm(group.size, generator=generator)
+            before = base
+            for k in range(group.size):
+                with _Removed(model, group, order[: k + 1]):
+                    after = loss()
+                total[order[k]] += after - before
+                before = after
+        return total / self.samples
+
+
 def _or_l1(scores: torch.Tensor | None, group: Group, model: nn.Module) -> torch.Tensor:
     return scores if scores is not None else magnitude(group, model, 1)
 
@@ -209,5 +340,7 @@ DATA_CRITERIA: dict[str, tuple[Callable[[Group, nn.Module, Attribution], torch.T
     "activation": (activation, True, False),
     "apoz": (apoz, True, False),
     "hessian": (hessian, "hessian", False),
+    "sensitivity": (sensitivity, False, False),
+    "shapley": (Shapley(), False, False),
     "taylor": (taylor, False, True),
 }
