@@ -32,7 +32,7 @@ def _hf_args(transformers, **kwargs):
 def test_hugging_face_trainer_prunes_and_compacts_with_its_own_optimizer():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from masksparse.integrations.huggingface import PruningCallback
+    from masksparse.schedule.integrations.huggingface import PruningCallback
 
     model = _bert_classifier(transformers)
     g = torch.Generator().manual_seed(0)
@@ -66,7 +66,7 @@ def test_hugging_face_trainer_prunes_and_compacts_with_its_own_optimizer():
 def test_hugging_face_callback_refuses_a_pruner_on_another_model():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from masksparse.integrations.huggingface import PruningCallback
+    from masksparse.schedule.integrations.huggingface import PruningCallback
 
     other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     pruner = GradualPruner(other, 0.5, end=2)
@@ -133,7 +133,7 @@ def _lightning_trainer(lightning, callback, **kwargs):
 
 def test_lightning_prunes_and_compacts_with_its_own_optimizer_and_checkpoints_the_pruner():
     lightning = pytest.importorskip("lightning")
-    from masksparse.integrations.lightning import PruningCallback
+    from masksparse.schedule.integrations.lightning import PruningCallback
 
     module = _lightning_module(lightning)
     pruner = GradualPruner(
@@ -161,7 +161,7 @@ def test_lightning_prunes_and_compacts_with_its_own_optimizer_and_checkpoints_th
 
 def test_lightning_callback_refuses_two_optimizers_when_compacting():
     lightning = pytest.importorskip("lightning")
-    from masksparse.integrations.lightning import PruningCallback
+    from masksparse.schedule.integrations.lightning import PruningCallback
 
     module = _lightning_module(lightning, optimizers=2)
     pruner = GradualPruner(

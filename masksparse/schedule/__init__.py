@@ -1,6 +1,7 @@
 """Pruning while training: :class:`GradualPruner` and the sparsity schedules it follows
 (:mod:`masksparse.schedule.curves`), per-layer sensitivity analysis (:func:`masksparse.sensitivity`),
-and recovery by distillation (:func:`masksparse.distill`)."""
+recovery by distillation (:func:`masksparse.distill`), and callbacks for the Hugging Face Trainer and
+Lightning (:mod:`masksparse.schedule.integrations`, imported on their own)."""
 
 from masksparse.schedule import curves
 from masksparse.schedule.analysis import SensitivityTable, amounts_from_sensitivity, sensitivity

@@ -262,7 +262,7 @@ class GradualPruner:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Slice ``optimizer``'s state at every later compaction: for an optimizer made after the pruner
         (a Hugging Face ``Trainer`` or Lightning makes its own; their callbacks in
-        :mod:`masksparse.integrations` call this). Needs ``structured=True, compact=True``."""
+        :mod:`masksparse.schedule.integrations` call this). Needs ``structured=True, compact=True``."""
         if not (self.structured and self.compact):
             raise PruningValueError(
                 "GradualPruner.attach_optimizer: the optimizer is sliced only with structured=True, "

@@ -1,8 +1,8 @@
 """Callbacks that drive a :class:`masksparse.GradualPruner` from the training loops people already use.
 
-- :mod:`masksparse.integrations.huggingface`: a ``transformers.TrainerCallback`` for ``Trainer``
+- :mod:`masksparse.schedule.integrations.huggingface`: a ``transformers.TrainerCallback`` for ``Trainer``
   (``pip install "masksparse[huggingface]"``);
-- :mod:`masksparse.integrations.lightning`: a Lightning ``Callback`` for ``lightning.Trainer``
+- :mod:`masksparse.schedule.integrations.lightning`: a Lightning ``Callback`` for ``lightning.Trainer``
   (``pip install "masksparse[lightning]"``).
 
 Each module imports its framework when it is imported; ``import masksparse`` imports neither.

@@ -11,7 +11,7 @@ Example:
     >>> from torch import nn
     >>> import lightning
     >>> from masksparse import GradualPruner
-    >>> from masksparse.integrations.lightning import PruningCallback
+    >>> from masksparse.schedule.integrations.lightning import PruningCallback
     >>> class Classifier(lightning.LightningModule):
     ...     def __init__(self):
     ...         super().__init__()
@@ -41,8 +41,8 @@ from __future__ import annotations
 from typing import Any
 
 from masksparse._errors import MissingDependencyError, PruningValueError
-from masksparse.integrations import attach, check_model
 from masksparse.schedule.gradual import GradualPruner
+from masksparse.schedule.integrations import attach, check_model
 
 try:
     from lightning.pytorch import Callback
@@ -51,7 +51,7 @@ except ImportError:
         from pytorch_lightning import Callback  # type: ignore[assignment]
     except ImportError as exc:  # pragma: no cover - the extra is installed where this is tested
         raise MissingDependencyError(
-            'masksparse.integrations.lightning needs Lightning: pip install "masksparse[lightning]"'
+            'masksparse.schedule.integrations.lightning needs Lightning: pip install "masksparse[lightning]"'
         ) from exc
 
 __all__ = ["PruningCallback"]

@@ -10,7 +10,7 @@ beside the checkpoint and load it into the new pruner (a compacted model is save
 Example:
     >>> import tempfile, torch, transformers
     >>> from masksparse import GradualPruner
-    >>> from masksparse.integrations.huggingface import PruningCallback
+    >>> from masksparse.schedule.integrations.huggingface import PruningCallback
     >>> config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
     ...                                  num_attention_heads=4, intermediate_size=64, num_labels=2)
     >>> model = transformers.BertForSequenceClassification(config)
@@ -33,14 +33,15 @@ from __future__ import annotations
 from typing import Any
 
 from masksparse._errors import MissingDependencyError
-from masksparse.integrations import attach, check_model
 from masksparse.schedule.gradual import GradualPruner
+from masksparse.schedule.integrations import attach, check_model
 
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - the extra is installed where this is tested
     raise MissingDependencyError(
-        'masksparse.integrations.huggingface needs transformers: pip install "masksparse[huggingface]"'
+        "masksparse.schedule.integrations.huggingface needs transformers: "
+        'pip install "masksparse[huggingface]"'
     ) from exc
 
 __all__ = ["PruningCallback"]
