@@ -24,7 +24,7 @@ from masksparse._errors import KeptUnitsWarning, PruningTypeError, PruningValueE
 from masksparse._feed import Forward, LossFn, batches
 from masksparse._macs import count_uses
 from masksparse.criteria import refitting
-from masksparse.criteria.attribution import DATA_CRITERIA, gather
+from masksparse.criteria.attribution import DATA_CRITERIA, Shapley, gather
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
@@ -213,6 +213,10 @@ def _data_criterion(
         if data is None:
             raise PruningValueError(f"importance={importance!r} is computed from data: pass data=[batches]")
         return DATA_CRITERIA[importance]
+    if isinstance(importance, Shapley):  # scores on the loss alone: no statistics or gradients to gather
+        if data is None:
+            raise PruningValueError("Shapley values are computed from data: pass data=[batches]")
+        return importance, False, False
     if callable(importance) and not isinstance(importance, str) and _arity(importance) >= 3:
         if data is None:
             raise PruningValueError(

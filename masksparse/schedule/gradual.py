@@ -255,7 +255,6 @@ class GradualPruner:
             if budget != "units":
                 # the dense figure the budget counts against, and what is left of it now
                 self.original, self._left = self._measure()
-                self._left = min(self._left, self.original)
         else:
             self.layers = _layers(model, modules)
 
