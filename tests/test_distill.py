@@ -112,6 +112,26 @@ def test_hugging_face_batches_and_outputs():
     assert len(distill(student, teacher, data[:2])) == 2
 
 
+def test_a_classifier_fed_labels_is_matched_on_its_logits_not_its_loss():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    student = copy.deepcopy(teacher)
+    batch = {"input_ids": torch.randint(0, 64, (8, 10)), "labels": torch.randint(0, 3, (8,))}
+    seen = []
+
+    def loss(s, t):
+        seen.append(s.shape)
+        return distillation_loss(s, t)
+
+    distill(student, teacher, [batch], loss=loss)
+    assert seen == [torch.Size([8, 3])]
+
+
 def test_pruning_gradually_while_distilling():
     teacher = _teacher()
     student = copy.deepcopy(teacher)

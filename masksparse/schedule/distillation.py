@@ -25,11 +25,13 @@ LOSSES = ("mse", "cosine", "kl")
 
 def _first_tensor(output: Any) -> torch.Tensor:
     """The tensor a model's output is compared on: the output itself, the first value of a mapping or
-    Hugging Face ``ModelOutput`` (``last_hidden_state``, ``logits``), or the first item of a tuple."""
+    Hugging Face ``ModelOutput`` other than ``loss`` (``last_hidden_state``, ``logits``), or the first
+    item of a tuple."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):
-        values = [v for v in output.values() if isinstance(v, torch.Tensor)]
+        # a Hugging Face output fed labels opens with its .loss: the logits are what the teacher gives
+        values = [v for k, v in output.items() if isinstance(v, torch.Tensor) and k != "loss"]
         if values:
             return values[0]
     elif isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
