@@ -178,12 +178,23 @@ def prunable_units(
         >>> prunable_units(model, x), prunable_units(prune_channels(model, x, 0.5), x)
         ((8, 0), (8, 4))
     """
+    cands = _quiet_candidates(model, example_inputs, ignored_layers, untouched_layers, allow_inexact)
+    return sum(c.group.size for c in cands), sum(int(c.dead.sum()) for c in cands)
+
+
+def _quiet_candidates(
+    model: nn.Module,
+    example_inputs: Any,
+    ignored_layers: Iterable[nn.Module | str],
+    untouched_layers: Iterable[nn.Module | str],
+    allow_inexact: bool,
+) -> list[_Candidate]:
+    """The groups prune_channels would prune, as they are now, without its warnings (it says them)."""
     ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
     untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KeptUnitsWarning)  # prune_channels itself says it
-        cands = _candidates(model, trace(model, example_inputs), 0.0, {}, ignored, untouched, allow_inexact)
-    return sum(c.group.size for c in cands), sum(int(c.dead.sum()) for c in cands)
+        warnings.simplefilter("ignore", KeptUnitsWarning)
+        return _candidates(model, trace(model, example_inputs), 0.0, {}, ignored, untouched, allow_inexact)
 
 
 def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:
@@ -459,12 +470,8 @@ def compacted_size(
     """
     if measure not in ("params", "macs"):
         raise PruningValueError(f"compacted_size: measure must be 'params' or 'macs', got {measure!r}")
-    ignored = [_path_of(model, layer, "ignored_layers") for layer in ignored_layers]
-    untouched = [_path_of(model, layer, "untouched_layers") for layer in untouched_layers]
+    cands = _quiet_candidates(model, example_inputs, ignored_layers, untouched_layers, allow_inexact)
     cost = _cost(model, example_inputs, measure)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KeptUnitsWarning)  # prune_channels itself says it
-        cands = _candidates(model, trace(model, example_inputs), 0.0, {}, ignored, untouched, allow_inexact)
     return cost.total, _left(model, cands, [], cost)
 
 

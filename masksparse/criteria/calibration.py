@@ -467,11 +467,11 @@ def _feed_raw(loss_fn: LossFn | None, forward: Forward | None, model: nn.Module,
     run_batch(model, batch, loss_fn=loss_fn, forward=forward)
 
 
-def _progress_bar(progress: bool, total: int) -> Any:
+def _progress_bar(progress: bool, total: int | None, unit: str = "batch") -> Any:
     if not progress:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar without it
         return None
-    return tqdm(total=total, unit="batch", leave=False)
+    return tqdm(total=total, unit=unit, leave=False)

@@ -17,6 +17,8 @@ from torch import nn
 
 from masksparse._errors import PruningTypeError, PruningValueError
 from masksparse._feed import Forward, batches, run_batch
+from masksparse.criteria.calibration import _progress_bar
+from masksparse.schedule.gradual import _check_optimizer
 
 __all__ = ["distill", "distillation_loss"]
 
@@ -168,19 +170,13 @@ def distill(
     if optimizer is None:
         optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     else:
-        own = {id(p) for p in student.parameters()}
-        stray = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
-        if stray:
-            raise PruningValueError(
-                f"distill: the optimizer holds {len(stray)} parameter(s) not in the student (the first of "
-                f"shape {tuple(stray[0].shape)}); pass the optimizer that trains the student"
-            )
+        _check_optimizer(student, optimizer, "distill", "student")
     if isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
         list(batches(data, "distill: data"))  # raises the library's message for a single batch
     pick = outputs or (lambda output, batch: _first_tensor(output))
     measure = loss if callable(loss) else lambda s, t: distillation_loss(s, t, loss, temperature)
     total = steps if steps is not None else epochs * len(data) if isinstance(data, Sized) else None
-    bar = _bar(total, progress)
+    bar = _progress_bar(progress, total, unit="step")
     modes = (student.training, teacher.training)
     teacher.eval()
     student.train()
@@ -235,13 +231,3 @@ def distill(
 
 def _run(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
     return run_batch(model, batch, forward=forward)
-
-
-def _bar(total: int | None, progress: bool) -> Any:
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar without it
-        return None
-    return tqdm(total=total, unit="step", leave=False)

@@ -460,15 +460,19 @@ def _check_structured(
         _check_optimizer(model, optimizer)
 
 
-def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
+def _check_optimizer(
+    model: nn.Module, optimizer: Any, where: str = "GradualPruner", what: str = "model"
+) -> None:
+    """The optimizer is a torch optimizer over parameters of ``model`` only (its state is what
+    compaction slices, and what distillation steps)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise PruningTypeError(
-            f"GradualPruner: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     own = {id(p) for p in model.parameters()}
     stray = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
     if stray:
         raise PruningValueError(
-            f"GradualPruner: the optimizer holds {len(stray)} parameter(s) not in the model (the "
-            f"first of shape {tuple(stray[0].shape)}); pass the optimizer that trains this model"
+            f"{where}: the optimizer holds {len(stray)} parameter(s) not in the {what} (the first of shape "
+            f"{tuple(stray[0].shape)}); pass the optimizer that trains the {what}"
         )
