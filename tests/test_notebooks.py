@@ -90,6 +90,8 @@ def check_tutorial_3(values: dict[str, Any]) -> None:
     # "It keeps under a third of the parameters and ends within a point of the dense model"
     assert values["structured_params"] < 1 / 3 and values["params"] == sorted(values["params"], reverse=True)
     assert values["structured_accuracy"] >= values["dense_accuracy"] - 0.01
+    # "at least as accurate as pruning the same half of the channels at once and then training"
+    assert values["structured_accuracy"] >= values["oneshot_channels_accuracy"]
 
 
 CHECKS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
@@ -123,6 +125,7 @@ CHECKS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None]]] = {
             "structured_accuracy",
             "structured_params",
             "params",
+            "oneshot_channels_accuracy",
         ],
         check_tutorial_3,
     ),
