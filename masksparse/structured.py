@@ -218,8 +218,8 @@ def _warn_skipped(skipped: list[tuple[Group, Node]], limit: int = 3) -> None:
 def _data_criterion(
     importance: Any, data: Any, has_loss: bool, reconstruct: bool
 ) -> tuple[Any, bool | str, bool] | None:
-    """``(score, reads inputs (``"hessian"``: with ``X^T X``), reads gradients)`` for a data-driven
-    importance, or None for the rest."""
+    """(score, reads inputs, reads gradients) for a data-driven importance, or None for the rest;
+    "reads inputs" is ``"hessian"`` when ``X^T X`` is needed too."""
     if isinstance(importance, str) and importance in DATA_CRITERIA:
         if data is None:
             raise PruningValueError(f"importance={importance!r} is computed from data: pass data=[batches]")
@@ -520,7 +520,8 @@ def prune_channels(
             for both figures.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"random"`` or ``fn(group, model) -> scores``
             (see :mod:`masksparse.importance`); with ``data``, also ``"activation"``, ``"apoz"``,
-            ``"taylor"``, ``"hessian"`` (see :mod:`masksparse.criteria.attribution`) or
+            ``"taylor"``, ``"hessian"``, ``"sensitivity"``, ``"shapley"`` (see
+            :mod:`masksparse.criteria.attribution`) or
             ``fn(group, model, attribution) -> scores`` (the attribution holds the consumers' input
             statistics, and gradients when a ``loss_fn`` or ``forward`` is given). The lowest scores are
             pruned.

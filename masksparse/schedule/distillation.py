@@ -198,8 +198,8 @@ def distill(
             passes += 1
             for batch in batches(data, "distill: data"):
                 with torch.no_grad():
-                    target = pick(_run(teacher, batch, forward), batch)
-                step_loss = measure(pick(_run(student, batch, forward), batch), target.detach())
+                    target = pick(run_batch(teacher, batch, forward=forward), batch)
+                step_loss = measure(pick(run_batch(student, batch, forward=forward), batch), target.detach())
                 if not isinstance(step_loss, torch.Tensor) or step_loss.numel() != 1:
                     raise PruningValueError(
                         f"distill: the loss must be a scalar tensor, got {type(step_loss).__name__}"
@@ -227,7 +227,3 @@ def distill(
         if bar is not None:
             bar.close()
     return losses
-
-
-def _run(model: nn.Module, batch: Any, forward: Forward | None) -> Any:
-    return run_batch(model, batch, forward=forward)

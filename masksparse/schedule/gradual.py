@@ -253,8 +253,10 @@ class GradualPruner:
             self.units = units  # the prunable units at the start, which the schedule counts against
             self._size, self._alive = units, units - dead  # now: training changes neither
             if budget != "units":
-                # the dense figure the budget counts against, and what is left of it now
+                # the dense figure the budget counts against; now and after compaction, kept from the
+                # last step like self._size (training changes neither)
                 self.original, self._left = self._measure()
+                self._now = self.original
         else:
             self.layers = _layers(model, modules)
 
@@ -341,11 +343,10 @@ class GradualPruner:
         if self.budget == "units":
             # self._size: fewer than self.units once compacted
             return {"amount": min(1.0, max(0.0, 1.0 - (1.0 - fraction) * self.units / self._size))}
-        now, left = self._measure()
         keep = (1.0 - fraction) * self.original
-        if left <= keep:
+        if self._left <= keep:
             return None
-        return {f"target_{self.budget}": keep / now}
+        return {f"target_{self.budget}": keep / self._now}
 
     def _prune_channels(self, fraction: float) -> None:
         """Mask (and with ``compact``, remove) units until ``1 - fraction`` of the starting units are
@@ -378,7 +379,7 @@ class GradualPruner:
             self._size, dead = self._units()
             self._alive = self._size - dead
             if self.budget != "units":
-                self._left = self._measure()[1]
+                self._now, self._left = self._measure()
             if self.adjust_dropout and before > 0:
                 for m in self.model.modules():
                     if isinstance(m, nn.modules.dropout._DropoutNd):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from masksparse._errors import PruningValueError
 from masksparse.schedule.gradual import GradualPruner
 
 __all__: list[str] = []
@@ -33,8 +34,6 @@ def attach(pruner: GradualPruner, optimizer: Any, where: str) -> None:
         return
     inner = unwrapped(optimizer)
     if inner is None:
-        from masksparse._errors import PruningValueError
-
         raise PruningValueError(
             f"{where}: the pruner compacts in place and needs the optimizer to slice its state, but the "
             "trainer gave none"
@@ -48,8 +47,6 @@ def check_model(pruner: GradualPruner, model: Any, where: str, trainer: str) -> 
     if model is None or not isinstance(model, torch.nn.Module):
         return
     if not any(m is pruner.model for m in model.modules()):
-        from masksparse._errors import PruningValueError
-
         raise PruningValueError(
             f"{where}: the {trainer} trains a {type(model).__name__} that neither is nor holds the pruner's "
             f"model ({type(pruner.model).__name__}); build the GradualPruner on the model given to the "
