@@ -23,6 +23,7 @@ from masksparse._errors import (
     PruningValueError,
     ShapeMismatchError,
 )
+from masksparse.distributed.tensors import is_dtensor
 from masksparse.prune import _reparam
 from masksparse.prune._context import call_context
 
@@ -302,8 +303,13 @@ def apply_method(
             else (old[1],)
         )
         hook = PruningContainer(*earlier, method)
-    with torch.no_grad():
-        mask = hook.compute_mask(scores, default_mask=default_mask)
+    if is_dtensor(current):
+        from masksparse.prune._sharded import sharded_mask  # the methods module imports this one
+
+        mask = sharded_mask(hook, scores, default_mask, current)
+    else:
+        with torch.no_grad():
+            mask = hook.compute_mask(scores, default_mask=default_mask)
     mask = _as_stored_mask(mask, current, module, name, method)
 
     if old is None:

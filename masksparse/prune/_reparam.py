@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from masksparse._errors import PruningAttributeError
+from masksparse.distributed import fsdp
+from masksparse.distributed.tensors import is_dtensor, placed_like, whole
 
 ModuleClass = type[nn.Module]
 _CLASSES: dict[tuple[ModuleClass, tuple[str, ...]], ModuleClass] = {}
@@ -34,7 +36,14 @@ def masked_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def masked_value(orig: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``orig * mask`` in ``orig``'s dtype, as torch.nn.utils.prune computes it."""
+    """``orig * mask`` in ``orig``'s dtype, as torch.nn.utils.prune computes it.
+
+    A sharded mask meets a whole ``orig`` inside an FSDP2 forward (the parameter is gathered, the mask
+    buffer is not): the mask is gathered too. A whole mask beside a sharded ``orig`` (pruned before
+    ``fully_shard``) is cut to ``orig``'s shard.
+    """
+    if is_dtensor(mask) != is_dtensor(orig):
+        mask = whole(mask) if is_dtensor(mask) else placed_like(mask, orig)
     if mask.dtype == torch.bool:
         return orig * mask
     return mask.to(dtype=orig.dtype) * orig
@@ -172,6 +181,8 @@ def install(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     del module._parameters[name]
     module.register_buffer(name + "_mask", mask)
     set_masked_names(module, (*masked_names(module), name))
+    if is_dtensor(orig):
+        fsdp.rename_parameter(module, name, name + "_orig")
 
 
 def adopt(module: nn.Module, name: str) -> None:
@@ -196,3 +207,5 @@ def uninstall(module: nn.Module, name: str, *, apply_mask: bool = True) -> None:
     module.__dict__.pop(name, None)
     set_masked_names(module, tuple(n for n in masked_names(module) if n != name))
     module.register_parameter(name, orig)
+    if is_dtensor(orig):
+        fsdp.rename_parameter(module, name + "_orig", name)

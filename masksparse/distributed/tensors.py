@@ -1,0 +1,127 @@
+"""DTensor helpers: which tensors are sharded, their local pieces, and masks placed like their tensors.
+
+Everything here is a no-op question on an ordinary tensor (``is_dtensor`` is an ``isinstance`` check), so
+the pruning code asks it on every tensor at no cost and only sharded tensors take the slower paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from masksparse._errors import PruningTypeError
+
+try:  # torch.distributed is optional in torch builds (some macOS and mobile wheels lack it)
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - every wheel the test suite installs has torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a Parameter holding one included)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor; an ordinary tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_placements(t: torch.Tensor, what: str) -> None:
+    """Refuse a DTensor with a ``Partial`` placement: its entries are not values until reduced."""
+    for placement in t.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise PruningTypeError(
+                f"{what} is a DTensor placed as {tuple(t.placements)}: only Shard and Replicate placements "
+                "hold the tensor's values; redistribute it (e.g. to Replicate()) before pruning"
+            )
+
+
+def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether DTensor ``t`` has ``ref``'s shape, mesh and placements."""
+    return (
+        is_dtensor(t)
+        and tuple(t.shape) == tuple(ref.shape)
+        and t.device_mesh == ref.device_mesh
+        and tuple(t.placements) == tuple(ref.placements)
+    )
+
+
+def from_local(piece: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The DTensor whose local piece on this rank is ``piece``, placed like DTensor ``ref``."""
+    return DTensor.from_local(
+        piece, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride()
+    )
+
+
+def placed_like(t: torch.Tensor, ref: torch.Tensor, source: int | None = None) -> torch.Tensor:
+    """``t`` (a whole tensor, or a DTensor of ``ref``'s shape) as a DTensor placed like ``ref``.
+
+    A whole tensor is cut locally when ``source`` is None (every rank holds the same tensor, so nothing
+    is sent), or scattered from rank ``source`` (ranks that may disagree all take that rank's values);
+    a DTensor is redistributed.
+    """
+    if is_dtensor(t):
+        if same_layout(t, ref):
+            return t
+        return t.redistribute(ref.device_mesh, ref.placements)
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=source)
+
+
+def local_part(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``t`` (whole, or a DTensor of ``ref``'s shape) where DTensor ``ref`` is placed."""
+    return placed_like(t, ref).to_local()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor, gathered on every rank; an ordinary tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def global_offset(t: torch.Tensor) -> tuple[int, ...]:
+    """Where this rank's piece of DTensor ``t`` starts in the whole tensor, per dimension."""
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offset)
+
+
+def counts_here(t: torch.Tensor) -> bool:
+    """Whether this rank's piece of ``t`` is counted in sums over ranks.
+
+    Ranks that hold copies of the same piece (a Replicate placement on some mesh dimension) count it
+    once: only the first rank along each replicated mesh dimension does.
+    """
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: it holds nothing
+        return False
+    return all(c == 0 for c, p in zip(coordinate, t.placements) if not isinstance(p, Shard))
+
+
+def flat_global_index(t: torch.Tensor, local_flat: torch.Tensor) -> torch.Tensor:
+    """Flat indices in the whole tensor of the entries at ``local_flat`` in this rank's piece of ``t``."""
+    piece_shape = tuple(t.to_local().shape)
+    offset = global_offset(t)
+    index = torch.zeros_like(local_flat)
+    rest = local_flat
+    for dim in reversed(range(len(piece_shape))):
+        coordinate = rest % piece_shape[dim] + offset[dim]
+        rest = rest // piece_shape[dim]
+        index += coordinate * math.prod(t.shape[dim + 1 :])
+    return index
+
+
+__all__ = [
+    "check_placements",
+    "counts_here",
+    "flat_global_index",
+    "from_local",
+    "global_offset",
+    "is_dtensor",
+    "local",
+    "local_part",
+    "placed_like",
+    "same_layout",
+    "whole",
+]
