@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from masksparse._errors import PruningTypeError, ShapeMismatchError
 from masksparse._macs import count_uses
+from masksparse.distributed.counts import nonzero_counts
+from masksparse.distributed.tensors import is_dtensor
 from masksparse.prune._reparam import masked_value
 
 __all__ = ["ReportRow", "ReportTotal", "SparsityReport", "sparsity_report"]
@@ -313,16 +315,21 @@ def _zero_slices(nonzero: Tensor, dim: int) -> int | None:
 
 
 def _row(name: str, tensor: Tensor, masked: bool, uses: int | None) -> ReportRow:
-    nonzero = tensor != 0
-    count = int(nonzero.sum())
+    if is_dtensor(tensor):  # the whole tensor's figures, summed over the ranks holding its shards
+        count, per_slice = nonzero_counts(tensor)
+        slices = [None if s is None else int((s == 0).sum()) for s in per_slice]
+    else:
+        nonzero = tensor != 0
+        count = int(nonzero.sum())
+        slices = [_zero_slices(nonzero, 0), _zero_slices(nonzero, 1)]
     return ReportRow(
         name=name,
         shape=tuple(tensor.shape),
         numel=tensor.numel(),
         nonzero=count,
         masked=masked,
-        zero_slices_dim0=_zero_slices(nonzero, 0),
-        zero_slices_dim1=_zero_slices(nonzero, 1),
+        zero_slices_dim0=slices[0],
+        zero_slices_dim1=slices[1],
         macs=None if uses is None else uses * tensor.numel(),
         effective_macs=None if uses is None else uses * count,
     )

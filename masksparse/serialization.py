@@ -27,6 +27,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from masksparse import prune
 from masksparse._errors import MissingDependencyError, PruningTypeError, StateDictError
+from masksparse.distributed.tensors import is_dtensor, placed_like
 from masksparse.prune.methods import is_binary
 
 __all__ = ["load_state_dict", "save_state_dict"]
@@ -96,6 +97,8 @@ def load_state_dict(
         raise PruningTypeError(
             f"load_state_dict expects an nn.Module to load into, got {type(model).__name__}"
         )
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / ".metadata").is_file():
+        return _load_distributed_checkpoint(model, Path(source), strict)
     state_dict = _read(source)
     plan, problems = _plan(model, state_dict)
     missing, unexpected, problems = _check(model, state_dict, plan, problems)
@@ -105,7 +108,7 @@ def load_state_dict(
     try:
         for repair in plan:
             prune.custom_from_mask(repair.module, repair.name, repair.mask)
-        result = model.load_state_dict(state_dict, strict=strict)
+        result = model.load_state_dict(_placed_like_model(model, state_dict), strict=strict)
     except BaseException as err:
         for snapshot in reversed(snapshots):
             snapshot.restore()
@@ -117,6 +120,64 @@ def load_state_dict(
         ) from err
     _refresh_torch_pruned(model)
     return result
+
+
+def _placed_like_model(model: nn.Module, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state_dict with each whole tensor cut to the shard of the model's DTensor it loads into."""
+    targets = model.state_dict(keep_vars=True)
+    if not any(is_dtensor(t) for t in targets.values()):
+        return state_dict
+    placed = OrderedDict(
+        (key, placed_like(value, targets[key]) if is_dtensor(targets.get(key)) else value)
+        for key, value in state_dict.items()
+    )
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        placed._metadata = metadata  # type: ignore[attr-defined]
+    return placed
+
+
+def _load_distributed_checkpoint(model: nn.Module, path: Path, strict: bool) -> _IncompatibleKeys:
+    """Load a ``torch.distributed.checkpoint`` directory, written by any number of ranks, into ``model``,
+    sharded any way or not at all: masks are set up first (all ones, placed like their tensors), then
+    DCP reads every value in place, resharding as it goes."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    sizes = {key: tuple(meta.size) for key, meta in stored.items() if hasattr(meta, "size")}
+    repairs, problems = [], []
+    for module_path, module in model.named_modules():
+        prefix = f"{module_path}." if module_path else ""
+        for name, param in module._parameters.items():
+            key = f"{prefix}{name}_mask"
+            if param is None or key not in stored or f"{prefix}{name}_orig" not in stored:
+                continue
+            dtype = getattr(getattr(stored[key], "properties", None), "dtype", torch.bool)
+            if dtype != torch.bool:
+                problems.append(f"mask {key!r} is {dtype} in {path}; distributed checkpoints load bool masks")
+            repairs.append((module, name))
+    snapshots = [_Snapshot(module) for module in {id(m): m for m, _ in repairs}.values()]
+    try:
+        for module, name in repairs:
+            if not problems:
+                prune.identity(module, name)
+        expected = model.state_dict()
+        missing = [key for key in expected if key not in stored]
+        unexpected = [key for key in stored if key not in expected]
+        problems += [
+            f"size mismatch for {key!r}: the model expects shape {_shape(value)}, the checkpoint holds "
+            f"shape {sizes[key]}"
+            for key, value in expected.items()
+            if isinstance(value, torch.Tensor) and key in sizes and tuple(value.shape) != sizes[key]
+        ]
+        if problems or (strict and (missing or unexpected)):
+            raise StateDictError(_describe(model, missing, unexpected, problems))
+        dcp.load({key: value for key, value in expected.items() if key in stored}, checkpoint_id=str(path))
+    except BaseException:
+        for snapshot in reversed(snapshots):
+            snapshot.restore()
+        raise
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def save_state_dict(model_or_state_dict: nn.Module | Mapping[str, Any], path: PathLike) -> None:
