@@ -7,7 +7,7 @@ reports print as tables; structured masks become a genuinely smaller model with
 :func:`masksparse.load_compacted`.
 """
 
-from masksparse import prune
+from masksparse import distributed, prune
 from masksparse._errors import (
     CompactionError,
     InexactCompactionWarning,
@@ -32,6 +32,7 @@ from masksparse.compact import (
 )
 from masksparse.comparison import LayerComparison, ReportComparison, compare_reports
 from masksparse.criteria import LayerStats, calibrate
+from masksparse.distributed import data_parallel
 from masksparse.graph import Graph, trace
 from masksparse.prune import remove_all
 from masksparse.report import ReportRow, ReportTotal, SparsityReport, sparsity_report
@@ -79,7 +80,9 @@ __all__ = [
     "compact",
     "compaction_plans",
     "compare_reports",
+    "data_parallel",
     "distill",
+    "distributed",
     "load_compacted",
     "load_state_dict",
     "plan_compaction",

@@ -25,6 +25,7 @@ from masksparse._feed import Forward, LossFn, batches
 from masksparse._macs import count_uses
 from masksparse.criteria import refitting
 from masksparse.criteria.attribution import DATA_CRITERIA, Shapley, gather
+from masksparse.distributed.tensors import refuse_sharded
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
@@ -572,6 +573,7 @@ def prune_channels(
         >>> torch.equal(ln_kept, model[0].bias_mask), int(ln_kept.sum())  # the same 4 of 8 units
         (True, 4)
     """
+    refuse_sharded(model, "prune_channels")
     asked = (("amount", amount), ("target_params", target_params), ("target_macs", target_macs))
     given = [k for k, v in asked if v is not None]
     if len(given) != 1:

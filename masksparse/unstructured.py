@@ -23,6 +23,7 @@ from masksparse._errors import PruningValueError
 from masksparse._feed import Forward, LossFn
 from masksparse.criteria.calibration import LayerStats, resolve_layers, sequential
 from masksparse.criteria.reconstruction import sparsegpt
+from masksparse.distributed.tensors import refuse_sharded
 from masksparse.prune.functional import narrow
 
 __all__ = ["prune_unstructured"]
@@ -285,6 +286,7 @@ def prune_unstructured(
         >>> bool((kept <= 2).all()), float(model[0].weight_mask.float().mean()) <= 0.5
         (True, True)
     """
+    refuse_sharded(model, "prune_unstructured")
     if method not in METHODS:
         raise PruningValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     amount = _check_amount(amount, "amount")

@@ -23,6 +23,7 @@ from masksparse.compact.huggingface import apply_config, config_changes, config_
 from masksparse.compact.plan import BiasFold, KeptUnits, Plan, TensorCut, record_plan
 from masksparse.compact.planning import Kept, _plan
 from masksparse.compact.verification import deviation, verify
+from masksparse.distributed.tensors import refuse_sharded
 from masksparse.graph import Graph, trace
 from masksparse.graph.inexact import check_allow_inexact
 from masksparse.importance import tensor_of
@@ -262,6 +263,7 @@ def compact(
         >>> isinstance(warning, InexactCompactionWarning), warning.deviation > 0
         (True, True)
     """
+    refuse_sharded(model, "compact")
     check_allow_inexact(allow_inexact)
     if optimizer is not None and not inplace:
         raise PruningValueError(

@@ -44,6 +44,7 @@ from torch import nn
 from masksparse._errors import PruningValueError
 from masksparse._feed import Forward, LossFn, batches, loss_of, run_batch
 from masksparse.criteria.calibration import LayerStats, _batch_error, _batch_runs, _run_pass
+from masksparse.distributed import parallel
 from masksparse.graph import Group, Member
 from masksparse.importance import is_parameter, magnitude, per_unit, reduce_slices, tensor_of, unit_indices
 
@@ -112,6 +113,7 @@ def _gradients(
             param = _param(model, m)
             if param is not None and param.grad is not None:
                 out[(m.module, m.tensor)] = param.grad.detach().clone()
+        parallel.sum_over_ranks([out[key] for key in sorted(out)])
         return out
     finally:
         for p, g in zip(params, saved, strict=True):
@@ -166,7 +168,7 @@ def _loss_closure(
                         shape = tuple(result.shape)
                         raise PruningValueError(_NO_LOSS + f"; the model returned a tensor of shape {shape}")
                     out += float(loss_of(result))
-            return out
+            return parallel.sum_float(out)
         finally:
             model.train(training)
 

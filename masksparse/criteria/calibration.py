@@ -31,6 +31,7 @@ from torch import nn
 from masksparse._errors import PruningTypeError, PruningValueError
 from masksparse._feed import Forward, LossFn, batches, run_batch
 from masksparse.criteria._blocks import BlockInput, Chain, capture, find_chain
+from masksparse.distributed import parallel
 
 __all__ = ["LayerStats", "calibrate", "find_blocks", "sequential"]
 
@@ -236,12 +237,27 @@ def _run_pass(
         for h in handles:
             h.remove()
     missing = [n for n in names if n not in state.stats]
+    if parallel.active() and not missing:
+        _sum_over_ranks(state.stats)
     if missing:
         raise PruningValueError(
             f"calibration never ran {', '.join(repr(n) for n in missing[:3])}: the data's batches do not "
             "reach these layers (check forward= or the layers chosen)"
         )
     return state.stats
+
+
+def _sum_over_ranks(stats: dict[str, LayerStats]) -> None:
+    """Every layer's statistics summed over the data-parallel ranks (in one order on every rank)."""
+    names = sorted(stats)
+    rows = torch.tensor([stats[n].rows for n in names], dtype=torch.int64)
+    tensors = [rows]
+    for n in names:
+        s = stats[n]
+        tensors += [t for t in (s.sums, s.sq_norms, s.zeros, s.xtx) if t is not None]
+    parallel.sum_over_ranks(tensors)
+    for n, count in zip(names, rows.tolist()):
+        stats[n].rows = count
 
 
 def calibrate(

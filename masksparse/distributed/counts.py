@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from masksparse.distributed.tensors import counts_here, global_offset
 
 
-def nonzero_counts(t: torch.Tensor, dims: tuple[int, ...] = (0, 1)) -> tuple[int, list[torch.Tensor | None]]:
+def nonzero_counts(t: Any, dims: tuple[int, ...] = (0, 1)) -> tuple[int, list[torch.Tensor | None]]:
     """``(nonzero entries, [nonzero entries per slice along each of dims])`` of the whole DTensor ``t``.
 
     Every rank gets the same figures (a collective over ``t``'s mesh); a dimension ``t`` lacks gives None.

@@ -8,16 +8,18 @@ records (``FSDPParam``) are reached through the states it registers for each sha
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 
-def _fsdp_params() -> list[object]:
+def _fsdp_params() -> list[Any]:
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
     except ImportError:  # pragma: no cover - torch without distributed or without FSDP2
         return []
-    found = []
+    found: list[Any] = []
     for ref in list(_module_state_mapping.values()):
         state = ref() if callable(ref) else ref
         if isinstance(state, FSDPState):
@@ -29,7 +31,7 @@ def _fsdp_params() -> list[object]:
 def rename_parameter(module: nn.Module, old: str, new: str) -> None:
     """Tell FSDP2, if it manages ``module.<old>``, that the parameter is now called ``new``."""
     for param in _fsdp_params():
-        info = param._module_info  # type: ignore[attr-defined]
+        info = param._module_info
         if info.module is module and info.param_name == old:
             info.param_name = new
         for i, (shared, name) in enumerate(zip(info.shared_modules, info.shared_param_names)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ class ShardedScores:
 
     scores: torch.Tensor
     candidates: torch.Tensor | None
-    ref: torch.Tensor
+    ref: Any
     magnitude: bool = True
 
     def pieces(self, dtype: torch.dtype) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -66,7 +67,7 @@ class ShardedScores:
         return out
 
 
-def _group(refs: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
+def _group(refs: Sequence[Any]) -> dist.ProcessGroup | None:
     mesh = refs[0].device_mesh
     for ref in refs[1:]:
         if ref.device_mesh != mesh:
@@ -84,7 +85,7 @@ def _group(refs: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
     return None
 
 
-def _sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _sum(t: Any, group: dist.ProcessGroup | None) -> torch.Tensor:
     dist.all_reduce(t, group=group)
     TRAFFIC.calls += 1
     TRAFFIC.bytes += t.numel() * t.element_size()

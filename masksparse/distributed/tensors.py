@@ -25,12 +25,12 @@ def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
+def local(t: Any) -> torch.Tensor:
     """This rank's piece of a DTensor; an ordinary tensor as it is."""
     return t.to_local() if is_dtensor(t) else t
 
 
-def check_placements(t: torch.Tensor, what: str) -> None:
+def check_placements(t: Any, what: str) -> None:
     """Refuse a DTensor with a ``Partial`` placement: its entries are not values until reduced."""
     for placement in t.placements:
         if not isinstance(placement, (Shard, Replicate)):
@@ -40,7 +40,7 @@ def check_placements(t: torch.Tensor, what: str) -> None:
             )
 
 
-def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+def same_layout(t: Any, ref: Any) -> bool:
     """Whether DTensor ``t`` has ``ref``'s shape, mesh and placements."""
     return (
         is_dtensor(t)
@@ -50,14 +50,14 @@ def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
     )
 
 
-def from_local(piece: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def from_local(piece: torch.Tensor, ref: Any) -> torch.Tensor:
     """The DTensor whose local piece on this rank is ``piece``, placed like DTensor ``ref``."""
     return DTensor.from_local(
         piece, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride()
     )
 
 
-def placed_like(t: torch.Tensor, ref: torch.Tensor, source: int | None = None) -> torch.Tensor:
+def placed_like(t: Any, ref: Any, source: int | None = None) -> Any:
     """``t`` (a whole tensor, or a DTensor of ``ref``'s shape) as a DTensor placed like ``ref``.
 
     A whole tensor is cut locally when ``source`` is None (every rank holds the same tensor, so nothing
@@ -71,23 +71,23 @@ def placed_like(t: torch.Tensor, ref: torch.Tensor, source: int | None = None) -
     return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=source)
 
 
-def local_part(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def local_part(t: Any, ref: Any) -> torch.Tensor:
     """This rank's piece of ``t`` (whole, or a DTensor of ``ref``'s shape) where DTensor ``ref`` is placed."""
     return placed_like(t, ref).to_local()
 
 
-def whole(t: torch.Tensor) -> torch.Tensor:
+def whole(t: Any) -> torch.Tensor:
     """The whole value of a DTensor, gathered on every rank; an ordinary tensor as it is."""
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def global_offset(t: torch.Tensor) -> tuple[int, ...]:
+def global_offset(t: Any) -> tuple[int, ...]:
     """Where this rank's piece of DTensor ``t`` starts in the whole tensor, per dimension."""
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(int(o) for o in offset)
 
 
-def counts_here(t: torch.Tensor) -> bool:
+def counts_here(t: Any) -> bool:
     """Whether this rank's piece of ``t`` is counted in sums over ranks.
 
     Ranks that hold copies of the same piece (a Replicate placement on some mesh dimension) count it
@@ -99,7 +99,7 @@ def counts_here(t: torch.Tensor) -> bool:
     return all(c == 0 for c, p in zip(coordinate, t.placements) if not isinstance(p, Shard))
 
 
-def flat_global_index(t: torch.Tensor, local_flat: torch.Tensor) -> torch.Tensor:
+def flat_global_index(t: Any, local_flat: torch.Tensor) -> torch.Tensor:
     """Flat indices in the whole tensor of the entries at ``local_flat`` in this rank's piece of ``t``."""
     piece_shape = tuple(t.to_local().shape)
     offset = global_offset(t)
@@ -122,6 +122,22 @@ __all__ = [
     "local",
     "local_part",
     "placed_like",
+    "refuse_sharded",
     "same_layout",
     "whole",
 ]
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """Raise before anything changes if ``model`` holds sharded (DTensor) parameters: ``what`` runs the
+    model to trace or calibrate it, which needs whole parameters."""
+    for name, param in model.named_parameters():
+        if is_dtensor(param):
+            raise PruningTypeError(
+                f"{what} runs the model on whole tensors, but {name} is a sharded DTensor "
+                f"{tuple(param.shape)} placed as {tuple(getattr(param, 'placements', ()))}. "
+                f"Run {what} on the model "
+                "before sharding it (every rank alike, or under masksparse.data_parallel() with calibration "
+                "data), then fully_shard it and call masksparse.distributed.shard_masks(model); "
+                "prune.global_unstructured and the prune.* functions work on sharded parameters directly"
+            )

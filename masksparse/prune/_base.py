@@ -24,7 +24,7 @@ from masksparse._errors import (
     ShapeMismatchError,
 )
 from masksparse.distributed.tensors import is_dtensor
-from masksparse.prune import _reparam
+from masksparse.prune import _reparam, _sharded
 from masksparse.prune._context import call_context
 
 TorchMethod = torch_prune.BasePruningMethod
@@ -304,9 +304,7 @@ def apply_method(
         )
         hook = PruningContainer(*earlier, method)
     if is_dtensor(current):
-        from masksparse.prune._sharded import sharded_mask  # the methods module imports this one
-
-        mask = sharded_mask(hook, scores, default_mask, current)
+        mask = _sharded.sharded_mask(hook, scores, default_mask, current)
     else:
         with torch.no_grad():
             mask = hook.compute_mask(scores, default_mask=default_mask)

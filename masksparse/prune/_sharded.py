@@ -9,10 +9,11 @@ random generator says. The result is a DTensor placed like the parameter.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.utils.prune as torch_prune
 
 from masksparse._errors import PruningTypeError
 from masksparse.distributed.select import ShardedScores, count_candidates, select_smallest_sharded
@@ -25,13 +26,16 @@ from masksparse.distributed.tensors import (
     placed_like,
     whole,
 )
-from masksparse.prune import methods as _m
+
+# How a method class computes a sharded mask: "identity", "custom" (elementwise with its ``mask``),
+# "magnitude" (the ``count(method, candidates)`` smallest ``|t|``); any class not listed is "gather".
+# Filled by masksparse.prune.methods for its classes and torch's (exact types: a subclass that overrides
+# compute_mask is gathered, so its own code runs).
+KINDS: dict[type, tuple[str, Callable[[Any, int], int] | None]] = {}
 
 
 def _newest(hook: Any) -> Any:
-    if isinstance(hook, (_m.PruningContainer, torch_prune.PruningContainer)):
-        return hook[-1]
-    return hook
+    return hook[-1] if hasattr(hook, "_pruning_methods") else hook
 
 
 def _precision(dtype: torch.dtype) -> torch.dtype:
@@ -51,16 +55,18 @@ def sharded_mask(
         scores = placed_like(scores, ref)
     default_mask = placed_like(default_mask, ref)
     method = _newest(hook)
-    if isinstance(method, (_m.Identity, torch_prune.Identity)):
+    kind, count_of = KINDS.get(type(method), ("gather", None))
+    if kind == "identity":
         return default_mask
     here = local(default_mask)
-    if isinstance(method, (_m.CustomFromMask, torch_prune.CustomFromMask)):
-        piece = _m.CustomFromMask(local_part(method.mask, ref)).compute_mask(local(scores), here)
-        return from_local(piece, ref)
-    if isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
+    if kind == "custom":
+        piece_method = copy.copy(method)
+        piece_method.mask = local_part(method.mask, ref)
+        return from_local(piece_method.compute_mask(local(scores), here), ref)
+    if kind == "magnitude" and count_of is not None:
         candidates = here if here.dtype == torch.bool else here != 0
         item = ShardedScores(local(scores), candidates, ref)
-        count = _m.count_to_prune(method.amount, count_candidates([item]))
+        count = count_of(method, count_candidates([item]))
         (chosen,) = select_smallest_sharded([item], count, _precision(scores.dtype))
         piece = here & ~chosen if here.dtype == torch.bool else here * ~chosen
         return from_local(piece, ref)
@@ -83,7 +89,8 @@ def global_masks(method: Any, targets: list[Any], label: str) -> list[torch.Tens
                 "DTensors; rank sharded and unsharded parameters in separate calls, or shard them alike"
             )
         check_placements(target.tensor, what)
-    if not isinstance(method, (_m.L1Unstructured, torch_prune.L1Unstructured)):
+    kind, count_of = KINDS.get(type(method), ("gather", None))
+    if kind != "magnitude" or count_of is None:
         raise PruningTypeError(
             f"global_unstructured({label}) on sharded (DTensor) parameters: only L1Unstructured selects "
             "across ranks without gathering every score; pass other criteria as importance_scores"
@@ -96,9 +103,7 @@ def global_masks(method: Any, targets: list[Any], label: str) -> list[torch.Tens
         )
         for t in targets
     ]
-    count = _m.count_to_prune(
-        method.amount, count_candidates(items), "the number of entries left to prune, numel"
-    )
+    count = count_of(method, count_candidates(items))
     dtype = torch.float64 if any(t.scores.dtype == torch.float64 for t in targets) else torch.float32
     chosen = select_smallest_sharded(items, count, dtype)
     masks = []

@@ -16,7 +16,7 @@ from torch import nn
 
 from masksparse._errors import MaskSparseError, PruningTypeError, PruningValueError
 from masksparse.distributed.tensors import is_dtensor
-from masksparse.prune import _base, _context, _reparam
+from masksparse.prune import _base, _context, _reparam, _sharded
 from masksparse.prune import methods as _m
 from masksparse.prune.select import (
     MagnitudeScores,
@@ -351,8 +351,6 @@ def _score_sources(method: _m.TorchMethod, targets: list[_Target]) -> list[Score
 def _new_masks(method: _m.TorchMethod, targets: list[_Target]) -> list[torch.Tensor]:
     """Each target's new mask, with exactly as many entries pruned as torch prunes."""
     if any(is_dtensor(t.tensor) for t in targets):
-        from masksparse.prune import _sharded
-
         return _sharded.global_masks(method, targets, type(method).__name__)
     scores = _score_sources(method, targets)
     if not scores:

@@ -13,8 +13,10 @@ import numbers
 from typing import Any
 
 import torch
+import torch.nn.utils.prune as torch_prune
 
 from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse.prune import _sharded
 from masksparse.prune._base import BasePruningMethod as BasePruningMethod
 from masksparse.prune._base import PruningContainer as PruningContainer
 from masksparse.prune._base import TorchMethod as TorchMethod
@@ -318,3 +320,20 @@ class NMStructured(BasePruningMethod):
             keep.scatter_(1, torch.topk(scores, self.m - self.n, dim=1, largest=False).indices, False)
         keep = keep.reshape(moved.shape).movedim(-1, dim)
         return default_mask * keep.to(dtype=default_mask.dtype)
+
+
+def _count(method: Any, candidates: int) -> int:
+    return count_to_prune(method.amount, candidates)
+
+
+# How each class computes the mask of a sharded (DTensor) parameter (see masksparse.prune._sharded).
+_sharded.KINDS.update(
+    {
+        Identity: ("identity", None),
+        torch_prune.Identity: ("identity", None),
+        CustomFromMask: ("custom", None),
+        torch_prune.CustomFromMask: ("custom", None),
+        L1Unstructured: ("magnitude", _count),
+        torch_prune.L1Unstructured: ("magnitude", _count),
+    }
+)
