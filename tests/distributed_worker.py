@@ -150,7 +150,7 @@ def main(out: Path, checkpoint: Path | None) -> None:
     found["calibrated"] = whole_masks(replicated)
     masksparse.distributed.check_ranks_agree(replicated)
     if rank == 1:  # one rank prunes from other data: the check must catch it on every rank
-        prune.l1_unstructured(replicated[4], "weight", amount=1)
+        prune.l1_unstructured(replicated[2], "weight", amount=1)
     try:
         masksparse.distributed.check_ranks_agree(replicated)
         found["disagreement"] = None
