@@ -136,7 +136,12 @@ def test_checkpoint_from_two_ranks_loads_into_four(runs: Any, single: nn.Sequent
         assert found["loaded"].keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(found["loaded"][key], value), key
-    assert sorted(found["loaded_mask_local"] for found in runs[4]) == [(1, 16), (4, 16), (4, 16), (4, 16)]  # torch.chunk: 4 rows a rank
+    assert sorted(found["loaded_mask_local"] for found in runs[4]) == [
+        (1, 16),
+        (4, 16),
+        (4, 16),
+        (4, 16),
+    ]  # torch.chunk: 4 rows a rank
 
 
 def test_checkpoint_from_two_ranks_loads_into_one_process(runs: Any, single: nn.Sequential) -> None:
@@ -182,9 +187,24 @@ def test_sharded_models_are_refused_where_whole_tensors_are_needed(runs: Any) ->
         assert found["refused_left_unchanged"]
 
 
+def test_the_documented_torchrun_example_runs(tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "docs" / "examples" / "prune_sharded.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([*command, str(script), str(tmp_path / "ckpt")], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "rank 1: DTensor (256, 256), this rank holds (128, 256)" in done.stdout
+    assert "20.0% kept" in done.stdout
+    fresh = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    masksparse.load_state_dict(fresh, tmp_path / "ckpt")
+    report = masksparse.sparsity_report(fresh)
+    weights = [row for row in report if row.name.endswith("weight")]
+    assert sum(r.numel - r.nonzero for r in weights) == round(0.8 * sum(r.numel for r in weights))
+
+
 def test_data_parallel_needs_an_initialised_process_group() -> None:
     if torch.distributed.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with pytest.raises(masksparse.MaskSparseError, match="init_process_group"):
-        with masksparse.data_parallel():
-            pass
+    with pytest.raises(masksparse.MaskSparseError, match="init_process_group"), masksparse.data_parallel():
+        pass

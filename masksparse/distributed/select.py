@@ -29,7 +29,7 @@ _CHUNK = 1 << 20
 
 @dataclass
 class Traffic:
-    """What the selections of this process have sent so far: collective calls and bytes."""
+    """What the selections of this process have sent so far, in collective calls and bytes."""
 
     calls: int = 0
     bytes: int = 0
