@@ -1,8 +1,9 @@
 """Data-parallel calibration: every rank feeds its own batches, statistics are summed over ranks.
 
-Inside :func:`~masksparse.distributed.parallel.data_parallel`, each calibration pass (input norms, ``X^T X``, zero counts, gradients,
-losses) ends with ``all_reduce`` sums over the process group, so every rank holds the statistics of all
-ranks' data together and computes the masks one process would compute on all of it.
+Inside :func:`~masksparse.distributed.parallel.data_parallel`, each calibration pass (input norms,
+``X^T X``, zero counts, gradients, losses) ends with ``all_reduce`` sums over the process group, so
+every rank holds the statistics of all ranks' data together and computes the masks one process would
+compute on all of it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def active() -> bool:
 
 def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
     """Sum each tensor in place over the ranks, one ``all_reduce`` per dtype (a no-op outside
-    :func:`~masksparse.distributed.parallel.data_parallel`). Every rank must pass tensors of the same shapes in the same order."""
+    :func:`~masksparse.distributed.parallel.data_parallel`). Every rank must pass tensors of the same
+    shapes in the same order."""
     if not _ACTIVE.on or not tensors:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -80,7 +82,8 @@ def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def sum_float(value: float) -> float:
-    """A Python float summed over the ranks (unchanged outside :func:`~masksparse.distributed.parallel.data_parallel`)."""
+    """A Python float summed over the ranks (unchanged outside
+    :func:`~masksparse.distributed.parallel.data_parallel`)."""
     if not _ACTIVE.on:
         return value
     t = torch.tensor([value], dtype=torch.float64)

@@ -12,7 +12,7 @@ the index with summed counts. Local passes read the pieces in chunks, so tempora
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,17 +54,16 @@ class ShardedScores:
     ref: Any
     magnitude: bool = True
 
-    def pieces(self, dtype: torch.dtype) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """``(start, bits, candidates)`` per chunk of the local piece (bits as ordered integers)."""
+    def pieces(self, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """``(start, bits, candidates)`` per chunk of the local piece (bits as ordered integers), one
+        chunk at a time, so a pass never holds more than one chunk's bits."""
         flat = self.scores.detach().reshape(-1)
         allowed = None if self.candidates is None else self.candidates.reshape(-1)
-        out = []
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
             chunk = chunk.abs() if self.magnitude else chunk
             bits = chunk.to(dtype).contiguous().view(_INT_VIEW[dtype][0])
-            out.append((start, bits, None if allowed is None else allowed[start : start + _CHUNK]))
-        return out
+            yield start, bits, None if allowed is None else allowed[start : start + _CHUNK]
 
 
 def _group(refs: Sequence[Any]) -> dist.ProcessGroup | None:
