@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from masksparse._errors import PruningTypeError, PruningValueError
+from masksparse.distributed.tensors import is_dtensor
+from masksparse.distributed.units import slice_sums
 from masksparse.graph import Group, Member
 
 __all__ = [
@@ -97,7 +99,12 @@ def per_unit(member: Member, per_index: torch.Tensor, size: int) -> torch.Tensor
 
 
 def reduce_slices(t: torch.Tensor, dim: int, p: int) -> torch.Tensor:
-    """``sum |t|^p`` over every dim but ``dim`` (p = 0: the number of non-zeros), without copying."""
+    """``sum |t|^p`` over every dim but ``dim`` (p = 0: the number of non-zeros), without copying.
+
+    A sharded (DTensor) ``t`` is reduced piece by piece and the pieces' sums added over its ranks.
+    """
+    if is_dtensor(t):
+        return slice_sums(t, dim, lambda piece: reduce_slices(piece, dim, p))
     rest = [d for d in range(t.ndim) if d != dim]
     x = (t != 0).to(torch.float32) if p == 0 else t.abs() if p == 1 else t.abs().pow(p)
     return (x.sum(rest) if rest else x).double()

@@ -25,7 +25,8 @@ from masksparse._feed import Forward, LossFn, batches
 from masksparse._macs import count_uses
 from masksparse.criteria import refitting
 from masksparse.criteria.attribution import DATA_CRITERIA, Shapley, gather
-from masksparse.distributed.tensors import refuse_sharded
+from masksparse.distributed.tensors import is_dtensor
+from masksparse.distributed.units import broadcast_scores, slices_masked
 from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
@@ -35,6 +36,7 @@ from masksparse.importance import (
     criterion,
     is_parameter,
     per_unit,
+    reduce_slices,
     shape_of,
     tensor_of,
     unit_indices,
@@ -102,11 +104,15 @@ def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
         if not is_parameter(model, m):
             continue
         t = tensor_of(model.get_submodule(m.module), m.tensor)
-        if t is not None:
+        if t is None:
+            continue
+        if is_dtensor(t):  # non-zeros counted per slice on each rank's piece, summed over ranks
+            nonzero = reduce_slices(t, m.dim, 0)
+        else:
             # any() reads the values in place: no weight-sized temporary (NaN counts as non-zero)
             rest = tuple(d for d in range(t.ndim) if d != m.dim)
             nonzero = t.any(dim=rest) if rest else t != 0
-            alive |= per_unit(m, nonzero.double(), group.size) > 0
+        alive |= per_unit(m, nonzero.double(), group.size) > 0
     return ~alive
 
 
@@ -348,12 +354,25 @@ def _masks_for(
         for m in group.members:
             if not is_parameter(model, m):
                 continue
-            shape = shape_of(model.get_submodule(m.module), m.tensor)
-            assert shape is not None
-            mask = masks.setdefault((m.module, m.tensor), torch.ones(shape, dtype=torch.bool))
             flat, unit = unit_indices(m)
-            mask.index_fill_(m.dim, flat[chosen[unit]], False)
+            removed = flat[chosen[unit]]
+            ref = _stored(model.get_submodule(m.module), m.tensor)
+            if is_dtensor(ref):  # each rank builds its own piece of the mask
+                piece = slices_masked(ref, m.dim, removed)
+                key = (m.module, m.tensor)
+                masks[key] = piece if key not in masks else masks[key] & piece
+                continue
+            mask = masks.setdefault((m.module, m.tensor), torch.ones(ref.shape, dtype=torch.bool))
+            mask.index_fill_(m.dim, removed, False)
     return masks
+
+
+def _stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter ``module.<name>`` is stored as (``<name>_orig`` when pruned)."""
+    t = module._parameters.get(name + "_orig")
+    t = module._parameters.get(name) if t is None else t
+    assert t is not None  # a group member that is a parameter
+    return t
 
 
 def _select(
@@ -476,6 +495,32 @@ def compacted_size(
     return cost.total, _left(model, cands, [], cost)
 
 
+def _sharded_parameter(model: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """The first sharded (DTensor) parameter of ``model`` with its name; None when there is none."""
+    return next(((n, p) for n, p in model.named_parameters() if is_dtensor(p)), None)
+
+
+def _check_sharded(found: tuple[str, torch.Tensor], budget: str, data: bool, reconstruct: bool) -> None:
+    """What prune_channels cannot do yet on a sharded model, refused before anything changes."""
+    name, param = found
+    asked = [
+        what
+        for what, on in (
+            (budget, budget != "amount"),
+            ("a data-driven importance", data),
+            ("reconstruct=True", reconstruct),
+        )
+        if on
+    ]
+    if asked:
+        raise PruningTypeError(
+            f"prune_channels on a sharded model ({name} is a DTensor {tuple(param.shape)} placed as "
+            f"{tuple(getattr(param, 'placements', ()))}) takes an amount with a weight criterion (l1, l2, "
+            f"bn_scale, random or fn(group, model)), not {' or '.join(asked)}; run that on the model before "
+            "sharding it"
+        )
+
+
 def prune_channels(
     model: nn.Module,
     example_inputs: Any,
@@ -573,7 +618,6 @@ def prune_channels(
         >>> torch.equal(ln_kept, model[0].bias_mask), int(ln_kept.sum())  # the same 4 of 8 units
         (True, 4)
     """
-    refuse_sharded(model, "prune_channels")
     asked = (("amount", amount), ("target_params", target_params), ("target_macs", target_macs))
     given = [k for k, v in asked if v is not None]
     if len(given) != 1:
@@ -595,6 +639,9 @@ def prune_channels(
     if data is not None:
         data = list(batches(data, "data"))
     data_score = _data_criterion(importance, data, loss_fn is not None or forward is not None, reconstruct)
+    sharded = _sharded_parameter(model)
+    if sharded is not None:
+        _check_sharded(sharded, given[0], data_score is not None, reconstruct)
     score = criterion(importance) if data_score is None else None
     per_module = {
         _path_of(model, k, "amounts"): _check_amount(v, f"amounts[{k!r}]") for k, v in (amounts or {}).items()
@@ -621,6 +668,10 @@ def prune_channels(
         assert score is not None
         for c in cands:
             c.scores = score(c.group, model)
+    if sharded is not None:  # every rank ranks rank 0's scores (random ones, a user's function)
+        scored = [(c, c.scores) for c in cands if c.scores is not None]
+        for (c, _), same in zip(scored, broadcast_scores([s for _, s in scored], sharded[1])):
+            c.scores = same
     own = [
         c
         for c in cands

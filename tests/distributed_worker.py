@@ -38,6 +38,27 @@ def prune_sharded(model: nn.Sequential) -> None:
     prune.nm_structured(model[0], "weight", n=2, m=4)
 
 
+def convnet() -> nn.Sequential:
+    """Channels that BatchNorm shares with a conv, and a conv feeding a Linear through a flatten."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10), nn.ReLU(), nn.Conv2d(10, 9, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(9 * 4 * 4, 5),
+    )  # fmt: skip
+
+
+def structured_inputs(model: nn.Module) -> torch.Tensor:
+    shape = (2, 3, 8, 8) if isinstance(model[0], nn.Conv2d) else (4, 16)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+
+
+def prune_structured(model: nn.Sequential) -> None:
+    """Channels ranked across layers, then a larger amount per layer on top: the same calls sharded."""
+    x = structured_inputs(model)
+    masksparse.prune_channels(model, x, 0.3, global_ranking=True)
+    masksparse.prune_channels(model, x, 0.5, importance="l2")
+
+
 def tied() -> tuple[torch.Tensor, torch.Tensor]:
     """Two weights with many equal magnitudes: ties at the threshold must break as in one process."""
     g = torch.Generator().manual_seed(2)
@@ -75,11 +96,14 @@ def whole_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _sharded_mlp(mesh: Any) -> nn.Sequential:
+    return _sharded(mlp(), mesh)
+
+
+def _sharded(model: nn.Sequential, mesh: Any) -> nn.Sequential:
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp()
     for layer in model:
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -120,15 +144,31 @@ def main(out: Path, checkpoint: Path | None) -> None:
     ]
     dcp.save(model.state_dict(), checkpoint_id=str(out / "checkpoint"))
     masks_before = whole_masks(model)
-    try:
-        masksparse.prune_channels(model, x, amount=0.5)
-        found["refused"] = ""
-    except masksparse.PruningTypeError as error:
-        found["refused"] = str(error)
+    found["refused"] = []
+    for refused in (
+        lambda: masksparse.prune_channels(model, x, 0.5, importance="activation", data=[x]),
+        lambda: masksparse.prune_unstructured(model, [x], 0.5),
+    ):
+        try:
+            refused()
+            found["refused"].append("")
+        except masksparse.PruningTypeError as error:
+            found["refused"].append(str(error))
     found["refused_left_unchanged"] = (
         all(torch.equal(m, masks_before[n]) for n, m in whole_masks(model).items())
         and masks_before.keys() == whole_masks(model).keys()
     )
+
+    # Structured pruning: channels scored from each rank's pieces, masks built piece by piece.
+    for make in (mlp, convnet):
+        sharded = _sharded(make(), mesh)
+        prune_structured(sharded)
+        found[f"structured_{make.__name__}"] = whole_masks(sharded)
+        found[f"structured_{make.__name__}_output"] = sharded(structured_inputs(sharded)).detach()
+    randomly = _sharded(mlp(), mesh)
+    torch.manual_seed(rank)  # every rank draws other scores: rank 0's are used by all
+    masksparse.prune_channels(randomly, structured_inputs(randomly), 0.5, importance="random")
+    found["structured_random"] = whole_masks(randomly)
     prune.remove(model[2], "weight")
     found["removed"] = model[2].weight.full_tensor()
     model(x)  # FSDP2 swaps the parameter under its old name again

@@ -180,11 +180,37 @@ def test_a_checkpoint_that_does_not_fit_names_the_tensor(runs: Any) -> None:
 
 def test_sharded_models_are_refused_where_whole_tensors_are_needed(runs: Any) -> None:
     for found in runs[2]:
-        assert (
-            "prune_channels runs the model on whole tensors, but 0.weight_orig is a sharded DTensor"
-            in (found["refused"])
+        channels, unstructured = found["refused"]
+        assert "prune_channels on a sharded model (0.weight_orig is a DTensor (13, 16) placed as" in channels
+        assert "not a data-driven importance" in channels
+        assert "prune_unstructured runs the model on whole tensors, but 0.weight_orig is a sharded" in (
+            unstructured
         )
         assert found["refused_left_unchanged"]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("make", [worker.mlp, worker.convnet])
+def test_prune_channels_on_sharded_models_equals_one_process(runs: Any, ranks: int, make: Any) -> None:
+    model = make()
+    worker.prune_structured(model)
+    expected = worker.whole_masks(model)
+    output = model(worker.structured_inputs(model))
+    assert any(not m.all() for m in expected.values())
+    for found in runs[ranks]:
+        masks = found[f"structured_{make.__name__}"]
+        assert masks.keys() == expected.keys()
+        for name, mask in expected.items():
+            assert torch.equal(masks[name], mask), (ranks, name)
+        torch.testing.assert_close(found[f"structured_{make.__name__}_output"], output)
+
+
+def test_random_channel_scores_are_rank_zeros_on_every_rank(runs: Any) -> None:
+    for ranks in (2, 4):
+        first = runs[ranks][0]["structured_random"]
+        assert any(not m.all() for m in first.values())
+        for found in runs[ranks][1:]:
+            assert all(torch.equal(found["structured_random"][n], m) for n, m in first.items())
 
 
 def test_the_documented_torchrun_example_runs(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the pruning code asks it on every tensor at no cost and only sharded tensors tak
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -81,6 +82,27 @@ def whole(t: Any) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+# id(whole tensor) -> the DTensor gathered into it, while the whole tensor lives (see gathered).
+_GATHERED: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+
+
+def gathered(t: Any) -> torch.Tensor:
+    """:func:`whole`, remembering which DTensor the result was gathered from (:func:`gathered_from`):
+    how a trace of an FSDP2 forward tells the mask buffer in ``weight_orig * weight_mask``."""
+    full = whole(t)
+    if full is not t:
+        key = id(full)
+        _GATHERED[key] = (weakref.ref(full), t)
+        weakref.finalize(full, _GATHERED.pop, key, None)
+    return full
+
+
+def gathered_from(t: torch.Tensor) -> Any:
+    """The DTensor :func:`gathered` made ``t`` from; None for any other tensor."""
+    entry = _GATHERED.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else None
+
+
 def global_offset(t: Any) -> tuple[int, ...]:
     """Where this rank's piece of DTensor ``t`` starts in the whole tensor, per dimension."""
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -117,6 +139,8 @@ __all__ = [
     "counts_here",
     "flat_global_index",
     "from_local",
+    "gathered",
+    "gathered_from",
     "global_offset",
     "is_dtensor",
     "local",

@@ -28,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
 from masksparse._inputs import ModelInputs, model_inputs, output_tensors
+from masksparse.distributed.tensors import gathered_from
+from masksparse.distributed.tensors import is_dtensor as _is_dtensor
 from masksparse.prune._reparam import reads_cached
 
 __all__ = ["Node", "Trace", "Value", "record"]
@@ -121,30 +123,93 @@ class _Recorder(TorchDispatchMode):
         self.values: list[Value] = []
         self.nodes: list[Node] = []
         self.module_stack: list[tuple[str, type]] = [("", nn.Module)]
+        self.running: list[nn.Module] = []  # the modules module_stack names, innermost last
+        # Sources found on the running module rather than among the leaves: the whole parameters an
+        # FSDP2 module gathers for its forward (new tensors each run, set on the module by FSDP).
+        self.found: set[tuple[str, str]] = set()
+        # Values made from whole copies of sharded tensors: their contents are not kept, so a trace of a
+        # sharded model never holds the whole model.
+        self.unkept: set[int] = set()
+        # Values that only communication made (what other ranks sent, and FSDP2's views and copies of it):
+        # opaque: no values, and their operations are no nodes (see __torch_dispatch__). id -> weak ref.
+        self.opaque: dict[int, weakref.ref[torch.Tensor]] = {}
+        # The open profiler ranges, innermost last, True for those FSDP2 opens around its hooks
+        # (gathering, freeing): everything made inside one is opaque too.
+        self.ranges: list[bool] = []
         # id(tensor) -> (weak reference, value). The weak reference guards against a freed tensor's id
         # being reused by a new one; static tensors are also held strongly by their Value.
         self.live: dict[int, tuple[weakref.ref[torch.Tensor], Value]] = {}
         self.replay: dict[Hashable, Node] | None = None
 
-    def new_value(self, t: torch.Tensor, static: bool, **extra: Any) -> Value:
+    def new_value(self, t: torch.Tensor, static: bool, keep: bool = True, **extra: Any) -> Value:
         v = Value(len(self.values), tuple(t.shape), t.dtype, static, **extra)
         if t.layout == torch.strided:
             v.stride, v.storage_offset = tuple(t.stride()), int(t.storage_offset())
-        if static:
+        if static and keep:
             v.tensor = t
+        elif static:
+            self.unkept.add(v.id)
         self.values.append(v)
         self.live[id(t)] = (weakref.ref(t), v)
         return v
 
     def lookup(self, t: torch.Tensor) -> Value:
+        sharded = gathered_from(t)  # a whole copy of a sharded mask: the mask buffer itself
+        if sharded is not None:
+            leaf = self.leaves.get(id(sharded))
+            if leaf is not None and leaf[0] is sharded:
+                return self.new_value(t, True, keep=False, source=leaf[1], origin=leaf[1])
         entry = self.live.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
+        if self.is_opaque(t):  # a gathered parameter, or a constant from other ranks
+            return self.running_source(t) or self.new_value(t, True, keep=False)
         leaf = self.leaves.get(id(t))
         if leaf is not None and leaf[0] is t:
             return self.new_value(t, True, source=leaf[1], origin=leaf[1])
         # A tensor created outside the run (a plain tensor attribute, a global constant).
-        return self.new_value(t, True)
+        return self.running_source(t) or self.new_value(t, True)
+
+    def is_opaque(self, t: torch.Tensor) -> bool:
+        """Whether only communication made ``t`` (and it has no value yet)."""
+        ref = self.opaque.get(id(t))
+        return ref is not None and ref() is t and id(t) not in self.live
+
+    def only_communicated(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is opaque and neither a gathered mask nor a running module's tensor."""
+        return self.is_opaque(t) and gathered_from(t) is None and self.running_name(t) is None
+
+    def running_name(self, t: torch.Tensor) -> tuple[str, str] | None:
+        """``(path, name)`` if ``t`` is a parameter or buffer of the running module: the whole parameters
+        an FSDP2 module gathers for its forward and sets on itself (new tensors, not leaves)."""
+        if not self.running:
+            return None
+        module = self.running[-1]
+        for name, own in (*module._parameters.items(), *module._buffers.items()):
+            if own is t:
+                return (self.module_stack[-1][0], name)
+        return None
+
+    def running_source(self, t: torch.Tensor) -> Value | None:
+        """``t`` as the running module's parameter or buffer it is (see running_name), if it is one."""
+        source = self.running_name(t)
+        if source is None:
+            return None
+        self.found.add(source)
+        return self.new_value(t, True, keep=False, source=source, origin=source)
+
+    def drop_unreadable(self) -> None:
+        """Forget the contents of static values that cannot be read after the run: FSDP2 frees the
+        storage of the whole parameters it gathered for a forward, and a DTensor's values are spread
+        over ranks. Their slots then count as unknown constants, the safe side."""
+        for v in self.values:
+            t = v.tensor
+            if t is None:
+                continue
+            if _is_dtensor(t) or (
+                t.layout == torch.strided and t.numel() > 0 and t.untyped_storage().nbytes() == 0
+            ):
+                v.tensor = None
 
     def start_replay(self) -> None:
         """Index the recorded nodes, so that the next run adds only the calls they do not hold."""
@@ -171,6 +236,26 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         # Inputs are looked up before the call: an in-place op (a restride) changes them.
         in_leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if func.namespace == "profiler":  # a range marker, not a computation
+            if "enter" in func.__name__:
+                self.ranges.append(bool(args) and isinstance(args[0], str) and args[0].startswith("FSDP::"))
+            elif "exit" in func.__name__ and self.ranges:
+                self.ranges.pop()
+            return func(*args, **kwargs)
+        if (
+            any(self.ranges)
+            or func.namespace in _COMMUNICATION
+            or (in_leaves and all(self.only_communicated(t) for t in in_leaves))
+        ):
+            # What another rank sent is a constant here (FSDP2 gathering a parameter or a mask), and so
+            # is what FSDP2's hooks and operations on such constants alone make: opaque, with no values
+            # and no nodes, so FSDP2's flat buffers never join the trace.
+            out = func(*args, **kwargs)
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.opaque[id(t)] = weakref.ref(t)
+                    self.live.pop(id(t), None)  # an in-place write: the old value is gone
+            return out
         inputs = [self.lookup(t) for t in in_leaves]
         out = func(*args, **kwargs)
         by_id = {id(t): v for t, v in zip(in_leaves, inputs)}
@@ -184,8 +269,9 @@ class _Recorder(TorchDispatchMode):
         origins = [v.origin for v in inputs if v.origin is not None]
         origin = next((o for o in origins if not _is_mask(o)), origins[0] if origins else None)
         index = len(self.nodes)
+        keep = not any(v.id in self.unkept for v in inputs)
         outputs = [
-            self.new_value(t, static, producer=index, origin=origin if static else None)
+            self.new_value(t, static, keep, producer=index, origin=origin if static else None)
             for t in pytree.tree_leaves(out)
             if isinstance(t, torch.Tensor)
         ]
@@ -197,6 +283,10 @@ class _Recorder(TorchDispatchMode):
             )
         )  # fmt: skip
         return out
+
+
+# Operator namespaces of torch.distributed's collectives and FSDP2's copies around them.
+_COMMUNICATION = frozenset({"c10d", "_c10d_functional", "_c10d_functional_autograd", "fsdp", "_dtensor"})
 
 
 def _key(func: Any, args: Any, kwargs: Any) -> Hashable | None:
@@ -267,12 +357,14 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
     def pre(path: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             recorder.module_stack.append((path, type(module)))
+            recorder.running.append(module)
 
         return hook
 
     def post(path: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             recorder.module_stack.pop()
+            recorder.running.pop()
             first = next(iter(output_tensors(output)), None)
             if first is not None and path not in outputs:
                 outputs[path] = recorder.lookup(first)
@@ -351,6 +443,7 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
             stacklevel=3,
         )
     recorder.live.clear()
+    recorder.drop_unreadable()
     return Trace(recorder.values, recorder.nodes, inputs, outputs, module_outputs, out_tensors, unused)
 
 
@@ -371,7 +464,8 @@ def _unused(params: dict[int, tuple[str, str]], recorder: _Recorder) -> tuple[tu
     return tuple(
         source
         for key, source in params.items()
-        if key not in recorder.live or recorder.leaves[key][0] is not recorder.live[key][0]()
+        if source not in recorder.found
+        and (key not in recorder.live or recorder.leaves[key][0] is not recorder.live[key][0]())
     )
 
 

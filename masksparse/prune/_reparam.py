@@ -19,7 +19,7 @@ from torch import nn
 
 from masksparse._errors import PruningAttributeError
 from masksparse.distributed import fsdp
-from masksparse.distributed.tensors import is_dtensor, placed_like, whole
+from masksparse.distributed.tensors import gathered, is_dtensor, placed_like
 
 ModuleClass = type[nn.Module]
 _CLASSES: dict[tuple[ModuleClass, tuple[str, ...]], ModuleClass] = {}
@@ -43,7 +43,7 @@ def masked_value(orig: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ``fully_shard``) is cut to ``orig``'s shard.
     """
     if is_dtensor(mask) != is_dtensor(orig):
-        mask = whole(mask) if is_dtensor(mask) else placed_like(mask, orig)
+        mask = gathered(mask) if is_dtensor(mask) else placed_like(mask, orig)
     if mask.dtype == torch.bool:
         return orig * mask
     return mask.to(dtype=orig.dtype) * orig
