@@ -72,12 +72,12 @@ def test_sampled_brackets_and_radix_refinement_agree(
     case: tuple, limit: int, sample: int, chunk: int
 ) -> None:
     """With tiny gather limits, samples and chunks, the sampled bracket or the radix fallback agrees."""
-    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK
-    select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK = limit, sample, chunk
+    saved = select._GATHER_LIMIT, select._SAMPLE_SIZE, select.CHUNK
+    select._GATHER_LIMIT, select._SAMPLE_SIZE, select.CHUNK = limit, sample, chunk
     try:
         _check(*case)
     finally:
-        select._GATHER_LIMIT, select._SAMPLE_SIZE, select._CHUNK = saved
+        select._GATHER_LIMIT, select._SAMPLE_SIZE, select.CHUNK = saved
 
 
 def test_misleading_sample_falls_back_to_the_exact_bracket() -> None:

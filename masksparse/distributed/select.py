@@ -22,9 +22,12 @@ import torch.distributed as dist
 from masksparse._errors import PruningValueError
 from masksparse.distributed.tensors import counts_here, flat_global_index
 
-_DIGIT_BITS = 16
-_INT_VIEW = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
-_CHUNK = 1 << 20
+# The radix select's constants, shared with masksparse.prune.select (one process): bits per digit, the
+# integer view of each float dtype (with its sign bit), and entries per chunk of a pass (small enough
+# that temporaries never grow with the model).
+DIGIT_BITS = 16
+INT_VIEW = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -59,11 +62,11 @@ class ShardedScores:
         chunk at a time, so a pass never holds more than one chunk's bits."""
         flat = self.scores.detach().reshape(-1)
         allowed = None if self.candidates is None else self.candidates.reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            chunk = flat[start : start + _CHUNK]
+        for start in range(0, flat.numel(), CHUNK):
+            chunk = flat[start : start + CHUNK]
             chunk = chunk.abs() if self.magnitude else chunk
-            bits = chunk.to(dtype).contiguous().view(_INT_VIEW[dtype][0])
-            yield start, bits, None if allowed is None else allowed[start : start + _CHUNK]
+            bits = chunk.to(dtype).contiguous().view(INT_VIEW[dtype][0])
+            yield start, bits, None if allowed is None else allowed[start : start + CHUNK]
 
 
 def _group(refs: Sequence[Any]) -> dist.ProcessGroup | None:
@@ -107,10 +110,10 @@ def _threshold(
     items: Sequence[ShardedScores], k: int, dtype: torch.dtype, group: dist.ProcessGroup | None
 ) -> tuple[int, int]:
     """The k-th smallest candidate's bits and how many entries with exactly those bits to choose."""
-    shift, prefix, rank, rounds = _INT_VIEW[dtype][1], 0, k, 0
+    shift, prefix, rank, rounds = INT_VIEW[dtype][1], 0, k, 0
     counting = [counts_here(item.ref) for item in items]
     while shift > 0:
-        step = min(_DIGIT_BITS, shift)
+        step = min(DIGIT_BITS, shift)
         hist = torch.zeros(1 << step, dtype=torch.int64)
         for item, counted in zip(items, counting):
             if not counted:

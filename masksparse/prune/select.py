@@ -10,7 +10,7 @@ bit patterns (non-negative floats order like their bits read as integers), one t
 3. Should the check fail (a sample that misleads, or too many ties inside the bracket), a radix select
    finds the k-th value's bucket exactly from histograms of 16-bit digits, and step 2 runs on it.
 
-Every pass reads the tensors in chunks of ``_CHUNK`` entries, so the temporaries stay a few MiB whatever
+Every pass reads the tensors in chunks of ``CHUNK`` entries, so the temporaries stay a few MiB whatever
 the model's size; the extra memory is the bool result plus the bracket's few members.
 """
 
@@ -23,17 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from masksparse._errors import PruningValueError
+from masksparse.distributed.select import CHUNK, DIGIT_BITS, INT_VIEW
 
-_DIGIT_BITS = 16
-_INT_VIEW = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
 # Brackets holding more candidates than this are not gathered; the radix select narrows them first.
 _GATHER_LIMIT = 1 << 22
 # The bracket is chosen from a sample of one score in 256, at least _SAMPLE_SIZE and at most _SAMPLE_MAX
 # of them: a bracket then holds about 50 * sqrt(total) candidates, under _GATHER_LIMIT up to ~6e9 scores.
 _SAMPLE_SIZE = 1 << 18
 _SAMPLE_MAX = 1 << 23
-# Entries per chunk of a pass: small enough that temporaries never grow with the model.
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -157,7 +154,7 @@ class RandomScores:
 
     def strided(self, step: int) -> torch.Tensor:
         """Every ``step``-th score of each chunk (a pass over the stream, so a sample like any other)."""
-        return torch.cat([scores[::step] for _, scores in self.chunks(_CHUNK)])
+        return torch.cat([scores[::step] for _, scores in self.chunks(CHUNK)])
 
 
 Scores = MagnitudeScores | RandomScores
@@ -170,7 +167,7 @@ def common_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 def _bits(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scores' bit patterns as integers that order like the (non-negative) scores."""
-    return scores.to(dtype).contiguous().view(_INT_VIEW[dtype][0]).reshape(-1)
+    return scores.to(dtype).contiguous().view(INT_VIEW[dtype][0]).reshape(-1)
 
 
 def _flat(allowed: torch.Tensor | None) -> torch.Tensor | None:
@@ -182,7 +179,7 @@ def _pieces(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """``(start, bits, allowed)`` for each chunk of one tensor's scores."""
     flat = _flat(allowed)
-    for start, chunk in source.chunks(_CHUNK):
+    for start, chunk in source.chunks(CHUNK):
         yield start, _bits(chunk, dtype), None if flat is None else flat[start : start + chunk.numel()]
 
 
@@ -194,7 +191,7 @@ def _sample_bracket(
     dtype: torch.dtype,
 ) -> tuple[int, int]:
     """Bit bounds ``[lo, hi)`` that very likely hold the k-th smallest candidate score."""
-    everything = (0, 1 << _INT_VIEW[dtype][1])
+    everything = (0, 1 << INT_VIEW[dtype][1])
     size = min(max(total // 256, _SAMPLE_SIZE), _SAMPLE_MAX)
     if total <= size:  # a sample would be everything: gather it all and sort
         return everything
@@ -223,9 +220,9 @@ def _narrow(
 
     Each pass histograms the next 16-bit digit of the scores inside the current bucket.
     """
-    shift, prefix, rank, size = _INT_VIEW[dtype][1], 0, k, None
+    shift, prefix, rank, size = INT_VIEW[dtype][1], 0, k, None
     while shift > 0 and (size is None or size > _GATHER_LIMIT):
-        step = min(_DIGIT_BITS, shift)
+        step = min(DIGIT_BITS, shift)
         hist = torch.zeros((1 << step) + 1, dtype=torch.int64)
         for source, allowed in zip(scores, candidates):
             for _, bits, flat in _pieces(source, allowed, dtype):
@@ -255,7 +252,7 @@ def _in_range(
     The unsigned test ``(bits - lo) mod 2**w < hi - lo`` is done in signed arithmetic by shifting both
     sides down by ``2**(w-1)`` (w the integer width), which keeps their order; the subtraction wraps.
     """
-    half = 1 << (_INT_VIEW[dtype][1])
+    half = 1 << (INT_VIEW[dtype][1])
     difference = torch.sub(bits, lo - half, out=scratch[: bits.numel()])
     return difference < (hi - lo - half)
 
@@ -274,7 +271,7 @@ def _select_in_bracket(
     chosen = [torch.empty(source.shape, dtype=torch.bool) for source in scores]
     members: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (tensor, flat indices, bits) per chunk
     below_total = gathered = 0
-    scratch = torch.empty(_CHUNK, dtype=_INT_VIEW[dtype][0])
+    scratch = torch.empty(CHUNK, dtype=INT_VIEW[dtype][0])
     for i, (source, allowed) in enumerate(zip(scores, candidates)):
         below = chosen[i].view(-1)
         for start, bits, flat in _pieces(source, allowed, dtype):
@@ -337,7 +334,7 @@ def select_smallest(
     """
     if len(scores) != len(candidates):
         raise PruningValueError(f"got {len(scores)} score tensors but {len(candidates)} candidate masks")
-    if dtype not in _INT_VIEW:
+    if dtype not in INT_VIEW:
         raise PruningValueError(f"scores compare in float32 or float64, not {dtype}")
     total = sum(math.prod(s.shape) if c is None else int(c.sum()) for s, c in zip(scores, candidates))
     if not 0 <= k <= total:
