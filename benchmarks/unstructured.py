@@ -10,6 +10,7 @@ the same calibration batches. Seconds are wall-clock for the pruning call alone.
     python benchmarks/unstructured.py                   # 30%, 50%, 2:4; 128 calibration sentences
     python benchmarks/unstructured.py --calibration 256 --settings 0.5
     python benchmarks/unstructured.py --scaling        # seconds and peak memory vs width, Linear stacks
+    python benchmarks/unstructured.py --lenet          # LeNet on digits, convolutions pruned too
 """
 
 from __future__ import annotations
@@ -95,6 +96,34 @@ def worker(opts: dict) -> dict:
     return {"seconds": _harness.median(times), "peak_mib": peak / _harness.MIB}
 
 
+def lenet(amounts: list[float]) -> None:
+    """LeNet trained on scikit-learn's digits (masksparse.examples), pruned without fine-tuning: test
+    accuracy when every layer but the classifier is pruned (both convolutions on their unfolded
+    patches, fc1 and fc2) and when the Linear layers alone are, per method and amount."""
+    from masksparse import examples
+
+    train_set, test_set = examples.load_digits()
+    dense = examples.LeNet()
+    examples.train(dense, train_set)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train_set), generator=g)[:512]
+    calib = [train_set[order[i : i + 64]][0] for i in range(0, 512, 64)]
+    rows = [["dense", "-", "-", f"{examples.evaluate(dense, test_set):.4f}", "-"]]
+    for amount in amounts:
+        for layers in ("conv1,conv2,fc1,fc2", "fc1,fc2"):
+            for method in ("magnitude", "wanda", "sparsegpt"):
+                model = copy.deepcopy(dense)
+                start = time.perf_counter()
+                prune_unstructured(
+                    model, calib, amount, method=method, modules=layers.split(","), progress=False
+                )
+                seconds = time.perf_counter() - start
+                accuracy = examples.evaluate(model, test_set)
+                rows.append([f"{amount:.0%}", layers, method, f"{accuracy:.4f}", f"{seconds:.2f}"])
+                print(*rows[-1], flush=True)
+    print(tabulate(rows, headers=["amount", "layers pruned", "method", "test accuracy", "seconds"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="0.3,0.5,2:4")
@@ -105,8 +134,13 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="time vs width on Linear stacks instead")
     parser.add_argument("--widths", default="512,1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lenet", action="store_true", help="LeNet on digits, convolutions too")
+    parser.add_argument("--lenet-amounts", default="0.5,0.7,0.8,0.9")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lenet:
+        lenet([float(a) for a in args.lenet_amounts.split(",")])
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

@@ -1,5 +1,6 @@
-"""Data-driven unstructured and N:M pruning of a model's ``nn.Linear`` layers: magnitude, Wanda and
-SparseGPT-style reconstruction, written as torch-style masks.
+"""Data-driven unstructured and N:M pruning of a model's ``nn.Linear`` layers (and the ``nn.Conv2d``
+layers named, as matrices over their unfolded patches): magnitude, Wanda and SparseGPT-style
+reconstruction, written as torch-style masks.
 
 A method is a score (``magnitude``: ``|W|``; ``wanda``: ``|W| * ||X_j||_2``, Sun et al. 2023) and a
 scope to rank in (the whole tensor for magnitude, each output row for Wanda, as the papers do), or
@@ -21,7 +22,7 @@ from torch import nn
 from masksparse import prune
 from masksparse._errors import PruningValueError
 from masksparse._feed import Forward, LossFn
-from masksparse.criteria.calibration import LayerStats, resolve_layers, sequential
+from masksparse.criteria.calibration import UNFOLDED, LayerStats, resolve_layers, sequential
 from masksparse.criteria.reconstruction import sparsegpt
 from masksparse.distributed.tensors import refuse_sharded
 from masksparse.prune.functional import narrow
@@ -94,7 +95,7 @@ def _default_skip(model: nn.Module) -> str | None:
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     value = getattr(module, name)
-    assert isinstance(value, torch.Tensor)  # the layers are nn.Linear, checked by resolve_layers
+    assert isinstance(value, torch.Tensor)  # nn.Linear or nn.Conv2d, checked by resolve_layers
     return value
 
 
@@ -163,8 +164,10 @@ class _Undo:
 
 
 def _prune_layer(module: nn.Module, stats: LayerStats | None, amount: float, opts: _Options) -> None:
-    weight = _tensor(module, "weight").detach()
-    pruned = _already_pruned(module)
+    full = _tensor(module, "weight").detach()
+    # A Conv2d is the matrix weight.flatten(1) applied to its unfolded patches: pruned as that matrix.
+    weight = full.flatten(1)
+    pruned = _already_pruned(module).flatten(1)
     new_bias = None
     if opts.method == "sparsegpt":
         assert stats is not None and stats.xtx is not None  # sparsegpt always calibrates with xtx
@@ -181,11 +184,12 @@ def _prune_layer(module: nn.Module, stats: LayerStats | None, amount: float, opt
         else:
             drop = _select(score, pruned, amount, per_row)
         keep, new = ~drop, None
+    keep = keep.reshape(full.shape)
     narrow(module, "weight", keep)
     if new is not None:
         with torch.no_grad():
             orig = _tensor(module, "weight_orig")
-            orig.mul_(~keep).add_(new.to(orig.dtype))  # new where kept (it is zero elsewhere)
+            orig.mul_(~keep).add_(new.reshape(full.shape).to(orig.dtype))  # new where kept (zero elsewhere)
             if new_bias is not None:
                 _tensor(module, "bias").copy_(new_bias)
 
@@ -197,7 +201,7 @@ def _check_layers(
     method: str,
 ) -> None:
     for name, module in chosen.items():
-        width = _tensor(module, "weight").shape[1]
+        width = _tensor(module, "weight")[0].numel()  # a Conv2d's patch: in_channels * kh * kw
         if pattern is not None and width % pattern[1]:
             raise PruningValueError(
                 f"pattern {pattern[0]}:{pattern[1]}: {name!r} ({type(module).__name__}.weight) has "
@@ -253,6 +257,9 @@ def prune_unstructured(
         pattern: ``"N:M"`` (``"2:4"``, ``"4:8"``): every ``M`` consecutive inputs of a row keep ``N``.
         modules: the ``nn.Linear`` layers (modules or paths); by default every one but the output
             layer (a Hugging Face model's output embeddings, otherwise the last ``nn.Linear``).
+            ``nn.Conv2d`` layers (``groups=1``) may be named too: each is pruned as the matrix
+            ``weight.flatten(1)`` it multiplies its unfolded patches by, so Wanda's ``||X_j||`` and
+            SparseGPT's ``X^T X`` are those of the patches and N:M runs along ``in_channels * kh * kw``.
         amounts: per-layer amounts (module or path -> fraction) overriding ``amount``.
         blocks: the repeated blocks layers are calibrated in, one block at a time: True finds them
             (:func:`masksparse.criteria.find_blocks`), a path names them, None calibrates every layer
@@ -295,7 +302,9 @@ def prune_unstructured(
         raise PruningValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if not isinstance(percdamp, (int, float)) or not percdamp > 0:
         raise PruningValueError(f"percdamp must be a positive number, got {percdamp!r}")
-    chosen = resolve_layers(model, modules, "prune_unstructured", default_skip=_default_skip(model))
+    chosen = resolve_layers(
+        model, modules, "prune_unstructured", default_skip=_default_skip(model), allowed=UNFOLDED
+    )
     per_layer = dict.fromkeys(chosen, amount)
     names = {id(m): n for n, m in model.named_modules()}
     for key, value in (amounts or {}).items():
@@ -324,7 +333,7 @@ def prune_unstructured(
         else:
             sequential(
                 model, data, chosen, process, blocks=blocks, hessian=method == "sparsegpt", dtype=dtype,
-                loss_fn=loss_fn, forward=forward, progress=progress,
+                loss_fn=loss_fn, forward=forward, progress=progress, unfold=True,
             )  # fmt: skip
     except BaseException:
         for u in undo:

@@ -311,3 +311,62 @@ def test_input_target_batches_get_a_hint_and_work_with_a_loss_fn():
     expected = copy.deepcopy(_mlp())
     prune_unstructured(expected, [x for x, _ in pairs], 0.5, progress=False)
     assert torch.equal(model[0].weight_mask, expected[0].weight_mask)
+
+
+@pytest.mark.parametrize("padding", [0, 1, "same", "valid"])
+def test_a_conv_is_its_weight_matrix_times_its_unfolded_patches(padding: int | str) -> None:
+    from masksparse.criteria.calibration import patches
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (4, 3), padding=padding, dilation=(1, 2), stride=1 if padding == "same" else 2)
+    x = torch.randn(2, 3, 11, 10)
+    out = conv(x).detach()
+    rows = patches(conv, x)
+    again = rows @ conv.weight.detach().flatten(1).T + conv.bias.detach()
+    torch.testing.assert_close(again.reshape(2, -1, 5).transpose(1, 2).reshape(out.shape), out)
+
+
+def _conv_and_its_matrix() -> tuple[nn.Sequential, nn.Linear, list[torch.Tensor], list[torch.Tensor]]:
+    """A conv net, the Linear its first conv is on unfolded patches, and the data of each."""
+    from masksparse.criteria.calibration import patches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 3))
+    linear = nn.Linear(2 * 9, 6)
+    with torch.no_grad():
+        linear.weight.copy_(model[0].weight.flatten(1))
+        linear.bias.copy_(model[0].bias)
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randn(4, 2, 6, 6, generator=g) for _ in range(3)]
+    return model, linear, images, [patches(model[0], x) for x in images]
+
+
+@pytest.mark.parametrize(("method", "pattern"), [("wanda", None), ("sparsegpt", None), ("sparsegpt", "3:9")])
+def test_a_conv_is_pruned_as_the_linear_layer_it_is_on_its_patches(method: str, pattern: str | None) -> None:
+    model, linear, images, rows = _conv_and_its_matrix()
+    prune_unstructured(model, images, 0.5, method=method, pattern=pattern, modules=[model[0]], progress=False)
+    prune_unstructured(linear, rows, 0.5, method=method, pattern=pattern, modules=[linear], progress=False)
+    assert torch.equal(model[0].weight_mask.flatten(1), linear.weight_mask)
+    expected = 0.5 if pattern is None else 6 / 9  # 3:9 keeps 3 of every 9 inputs of a row
+    assert float((~model[0].weight_mask).float().mean()) == pytest.approx(expected, abs=0.03)
+    torch.testing.assert_close(model[0].weight.flatten(1), linear.weight)  # SparseGPT's refit too
+    torch.testing.assert_close(model[0].bias, linear.bias)
+    assert not hasattr(model[3], "weight_mask")  # only the layers named
+
+
+def test_calibrate_reads_a_named_conv_on_its_patches() -> None:
+    model, _, images, rows = _conv_and_its_matrix()
+    stats = calibrate(model, images, modules=["0"], hessian=True)["0"]
+    everything = torch.cat(rows)
+    assert stats.rows == everything.shape[0]
+    torch.testing.assert_close(stats.xtx, everything.T @ everything)
+
+
+def test_grouped_convs_are_refused_by_name_and_nothing_changes() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4, 2))
+    before = _state(model)
+    with pytest.raises(PruningTypeError, match=r"'0' is a Conv2d with groups=2 and padding_mode='zeros'"):
+        prune_unstructured(model, [torch.randn(2, 4, 6, 6)], 0.5, modules=["0"], progress=False)
+    with pytest.raises(PruningTypeError, match=r"'1' is a Flatten; only Linear and Conv2d layers"):
+        prune_unstructured(model, [torch.randn(2, 4, 6, 6)], 0.5, modules=["1"], progress=False)
+    assert _same_state(model, before) and not prune.is_pruned(model)

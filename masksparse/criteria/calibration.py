@@ -13,7 +13,11 @@ later block is fed the pruned outputs of the one before, as the papers' code doe
 passes for ``L`` blocks; memory: one hidden state per batch). Otherwise every stage runs the whole
 model, stopping as soon as the stage has run (about ``L^2 / 2`` block passes; memory: one batch).
 
-Rows of a layer's input are tokens (every leading dimension is flattened). When a batch is a mapping
+Rows of a layer's input are tokens (every leading dimension is flattened). For an ``nn.Conv2d`` they
+are either every position of every image with one column per input channel (what the structured
+criteria read), or, for unstructured pruning, the unfolded patches (``F.unfold``: one column per entry
+of ``weight[o].flatten()``, ``in_channels * kh * kw`` of them), so that Wanda and SparseGPT treat a
+convolution as the matrix product it is. When a batch is a mapping
 with a 2-D ``attention_mask`` and a layer's input has the same two leading dimensions, padding tokens
 are left out of the statistics.
 """
@@ -36,6 +40,8 @@ from masksparse.distributed import parallel
 __all__ = ["LayerStats", "calibrate", "find_blocks", "sequential"]
 
 _WITH_INPUTS = (nn.Linear,)
+# Layers unstructured pruning calibrates (a Conv2d on its unfolded patches), when named in modules=.
+UNFOLDED = (nn.Linear, nn.Conv2d)
 
 
 @dataclasses.dataclass
@@ -125,9 +131,12 @@ class _Pass:
     hessian: bool
     dtype: torch.dtype
     token_mask: torch.Tensor | None = None
+    unfold: bool = False  # a Conv2d's rows are its unfolded patches (see the module docstring)
 
     def rows(self, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
         x = args[0]
+        if self.unfold and isinstance(module, nn.Conv2d):
+            return patches(module, x)
         if isinstance(module, nn.modules.conv._ConvNd) and x.dim() >= 2:  # one column per input channel
             return x.detach().movedim(1, -1).reshape(-1, x.shape[1])
         mask = self.token_mask
@@ -145,6 +154,25 @@ class _Pass:
             self.stats[name].add(x)
 
         return pre_hook
+
+
+def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``conv`` multiplies by ``weight.flatten(1).T``: every patch of ``x`` it reads, unfolded
+    (shape ``(images * positions, in_channels * kh * kw)``)."""
+    x = x.detach()
+    batched = x if x.dim() == 4 else x.unsqueeze(0)
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid": none; "same": what keeps the size, perhaps one more on the right
+        pads: list[int] = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            total = d * (k - 1) if padding == "same" else 0
+            pads += [total // 2, total - total // 2]
+        batched = nn.functional.pad(batched, pads)
+        padding = (0, 0)
+    cols = nn.functional.unfold(
+        batched, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+    )  # fmt: skip
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def _token_mask(batch: Any) -> torch.Tensor | None:
@@ -223,8 +251,9 @@ def _run_pass(
     hessian: bool,
     dtype: torch.dtype,
     bar: Any,
+    unfold: bool = False,
 ) -> dict[str, LayerStats]:
-    state = _Pass({}, hessian, dtype)
+    state = _Pass({}, hessian, dtype, unfold=unfold)
     handles = _hooks(model, names, stop, state.hook)
     try:
         with torch.no_grad():
@@ -276,7 +305,9 @@ def calibrate(
         model: the model (not changed).
         data: an iterable of batches (a DataLoader, a list): a mapping is called ``model(**batch)``, a
             tuple positionally, a tensor ``model(batch)``.
-        modules: the ``nn.Linear`` layers (modules or paths); every ``nn.Linear`` when None.
+        modules: the ``nn.Linear`` layers (modules or paths); every ``nn.Linear`` when None. An
+            ``nn.Conv2d`` named here is calibrated on its unfolded patches, as
+            :func:`masksparse.prune_unstructured` prunes it.
         hessian: also gather ``X^T X`` (what SparseGPT needs; ``in_features**2`` numbers per layer).
         dtype: the accumulation dtype (``torch.float64`` for very long calibration runs).
         loss_fn: with one, a batch ``(inputs, target)`` is fed as ``model(inputs)``.
@@ -294,15 +325,20 @@ def calibrate(
         >>> sorted(stats), stats["0"].rows, tuple(stats["2"].xtx.shape)
         (['0', '2'], 16, (3, 3))
     """
-    chosen = resolve_layers(model, modules, "calibrate")
+    chosen = resolve_layers(model, modules, "calibrate", allowed=UNFOLDED)
     runs = _batch_runs(model, data, loss_fn, forward)
-    return _run_pass(model, runs, list(chosen), None, hessian=hessian, dtype=dtype, bar=None)
+    return _run_pass(model, runs, list(chosen), None, hessian=hessian, dtype=dtype, bar=None, unfold=True)
 
 
 def resolve_layers(
-    model: nn.Module, modules: Sequence[nn.Module | str] | None, what: str, *, default_skip: str | None = None
+    model: nn.Module,
+    modules: Sequence[nn.Module | str] | None,
+    what: str,
+    *,
+    default_skip: str | None = None,
+    allowed: tuple[type[nn.Module], ...] = _WITH_INPUTS,
 ) -> dict[str, nn.Module]:
-    """``{path: module}`` for ``modules`` (modules or paths, each an ``nn.Linear``), or every
+    """``{path: module}`` for ``modules`` (modules or paths, each one of ``allowed``), or every
     ``nn.Linear`` of the model but ``default_skip`` when None. Raises before anything is changed."""
     by_id = {id(m): n for n, m in model.named_modules()}
     if modules is None:
@@ -328,9 +364,15 @@ def resolve_layers(
             raise PruningTypeError(
                 f"{what}: modules must be submodules of the model or their paths, got {type(item).__name__}"
             )
-        if not isinstance(module, _WITH_INPUTS):
+        if not isinstance(module, allowed):
+            kinds = " and ".join(k.__name__ for k in allowed)
             raise PruningTypeError(
-                f"{what}: {path!r} is a {type(module).__name__}; only nn.Linear layers are supported here"
+                f"{what}: {path!r} is a {type(module).__name__}; only {kinds} layers are supported here"
+            )
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise PruningTypeError(
+                f"{what}: {path!r} is a Conv2d with groups={module.groups} and padding_mode="
+                f"{module.padding_mode!r}; only groups=1 with zero padding is calibrated on its patches"
             )
         chosen[path] = module
     if not chosen:
@@ -407,6 +449,7 @@ def sequential(
     loss_fn: LossFn | None = None,
     forward: Forward | None = None,
     progress: bool = True,
+    unfold: bool = False,
 ) -> None:
     """Calibrate ``modules`` stage by stage, calling ``process(stats)`` on each stage's statistics
     before the next stage is calibrated (so it sees the stage pruned). ``blocks``: True finds the
@@ -430,13 +473,15 @@ def sequential(
             if chain is None or child is None:
                 cached = None
                 runs = _batch_runs(model, data, loss_fn, forward)
-                process(_run_pass(model, runs, names, stop, hessian=hessian, dtype=dtype, bar=bar))
+                process(
+                    _run_pass(model, runs, names, stop, hessian=hessian, dtype=dtype, bar=bar, unfold=unfold)
+                )
                 continue
             block = children[child]
             if cached is None or cached[0] != child:
                 cached = (child, _inputs_of(model, block, data, loss_fn, forward))
             runs = _block_runs(block, cached[1])
-            process(_run_pass(model, runs, names, None, hessian=hessian, dtype=dtype, bar=bar))
+            process(_run_pass(model, runs, names, None, hessian=hessian, dtype=dtype, bar=bar, unfold=unfold))
             with torch.no_grad():
                 cached = (child + 1, [chain.next_input(item, item.run(block)) for item in cached[1]])
     finally:
