@@ -8,6 +8,13 @@ buffers are recognised by identity, so a value can be mapped back to ``(module p
 The model runs in eval mode. When some parameters take no part in that run (auxiliary classifiers
 that only run in training, as GoogLeNet's and Inception v3's do), the model runs once more in training
 mode and what that run adds is merged in (see :func:`record`).
+
+A model sharded with FSDP2 runs as it does in training: each module gathers its whole parameters for
+its forward and frees them after. Those whole parameters are new tensors that FSDP2 sets on the running
+module, and are recognised as that module's parameters; a mask gathered for ``weight_orig *
+weight_mask`` is recognised as the mask buffer. What only communication made (collectives, FSDP2's flat
+buffers, whatever FSDP2's hooks compute) is opaque: it makes no values and no nodes. Nothing made from
+a gathered tensor keeps its contents, so the trace never holds the whole model.
 """
 
 from __future__ import annotations
@@ -117,9 +124,12 @@ class _Recorder(TorchDispatchMode):
     node is added, so only what the training-mode run does differently joins the trace.
     """
 
-    def __init__(self, leaves: dict[int, tuple[torch.Tensor, tuple[str, str]]]) -> None:
+    def __init__(
+        self, leaves: dict[int, tuple[torch.Tensor, tuple[str, str]]], sharded: bool = False
+    ) -> None:
         super().__init__()
         self.leaves = leaves
+        self.sharded = sharded  # the model holds DTensor parameters (FSDP2 swaps whole ones in)
         self.values: list[Value] = []
         self.nodes: list[Node] = []
         self.module_stack: list[tuple[str, type]] = [("", nn.Module)]
@@ -181,8 +191,9 @@ class _Recorder(TorchDispatchMode):
 
     def running_name(self, t: torch.Tensor) -> tuple[str, str] | None:
         """``(path, name)`` if ``t`` is a parameter or buffer of the running module: the whole parameters
-        an FSDP2 module gathers for its forward and sets on itself (new tensors, not leaves)."""
-        if not self.running:
+        an FSDP2 module gathers for its forward and sets on itself (new tensors, not leaves). Asked only
+        of sharded models: in any other, a tensor a module sets on itself while running is a constant."""
+        if not self.sharded or not self.running:
             return None
         module = self.running[-1]
         for name, own in (*module._parameters.items(), *module._buffers.items()):
@@ -410,7 +421,7 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
                 leaves[id(t)] = (t, (path, name))
                 if name in module._parameters:
                     params[id(t)] = (path, name)
-    recorder = _Recorder(leaves)
+    recorder = _Recorder(leaves, sharded=any(_is_dtensor(t) for t, _ in leaves.values()))
     # a tensor passed twice (as two keyword arguments, say) is one input
     inputs = [recorder.new_value(t, False) for t in {id(t): t for t in call.tensors()}.values()]
     module_outputs: dict[str, Value] = {}
