@@ -47,6 +47,21 @@ def convnet() -> nn.Sequential:
     )  # fmt: skip
 
 
+def bert() -> nn.Module:
+    """A small Hugging Face encoder: attention heads and FFN units pruned across sharded blocks."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def bert_inputs() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
 def structured_inputs(model: nn.Module) -> torch.Tensor:
     shape = (2, 3, 8, 8) if isinstance(model[0], nn.Conv2d) else (4, 16)
     return torch.randn(*shape, generator=torch.Generator().manual_seed(5))
@@ -165,6 +180,16 @@ def main(out: Path, checkpoint: Path | None) -> None:
         prune_structured(sharded)
         found[f"structured_{make.__name__}"] = whole_masks(sharded)
         found[f"structured_{make.__name__}_output"] = sharded(structured_inputs(sharded)).detach()
+    from torch.distributed.fsdp import fully_shard
+
+    encoder = bert()
+    for block in encoder.encoder.layer:
+        fully_shard(block, mesh=mesh)
+    fully_shard(encoder, mesh=mesh)
+    masksparse.prune_channels(encoder, bert_inputs(), 0.5, global_ranking=True)
+    found["structured_bert"] = whole_masks(encoder)
+    found["structured_bert_output"] = encoder(**bert_inputs()).last_hidden_state.detach()
+
     randomly = _sharded(mlp(), mesh)
     torch.manual_seed(rank)  # every rank draws other scores: rank 0's are used by all
     masksparse.prune_channels(randomly, structured_inputs(randomly), 0.5, importance="random")

@@ -205,6 +205,20 @@ def test_prune_channels_on_sharded_models_equals_one_process(runs: Any, ranks: i
         torch.testing.assert_close(found[f"structured_{make.__name__}_output"], output)
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_heads_and_ffn_units_of_a_sharded_bert_equal_one_process(runs: Any, ranks: int) -> None:
+    model = worker.bert()
+    masksparse.prune_channels(model, worker.bert_inputs(), 0.5, global_ranking=True)
+    expected = worker.whole_masks(model)
+    output = model(**worker.bert_inputs()).last_hidden_state
+    assert any(name.endswith("attention.self.query.weight_mask") for name in expected)
+    for found in runs[ranks]:
+        masks = found["structured_bert"]
+        assert masks.keys() == expected.keys()
+        assert all(torch.equal(masks[n], m) for n, m in expected.items())
+        torch.testing.assert_close(found["structured_bert_output"], output)
+
+
 def test_random_channel_scores_are_rank_zeros_on_every_rank(runs: Any) -> None:
     for ranks in (2, 4):
         first = runs[ranks][0]["structured_random"]
