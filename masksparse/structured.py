@@ -549,6 +549,12 @@ def prune_channels(
     :func:`masksparse.compact` with ``allow_inexact=True`` then removes them and states how much the
     outputs change. Groups blocked for any other reason stay untouched either way.
 
+    A model sharded with FSDP2 (DTensor parameters) is pruned where it lies when every rank calls this
+    alike: the channels' scores are summed over the ranks' pieces, rank 0's are used by all, and each
+    rank writes only its piece of every mask (see the docs page on pruning sharded models). There,
+    ``amount`` with a weight criterion is supported; the budgets, data-driven importances and
+    ``reconstruct`` raise a PruningTypeError before anything changes.
+
     Args:
         model: the model; pruned in place (torch-style ``<name>_orig`` / ``<name>_mask``).
         example_inputs: what to trace the model with: a tensor, a tuple of positional arguments, or a
