@@ -34,6 +34,7 @@ __all__ = [
     "random",
     "reduce_slices",
     "shape_of",
+    "stored_of",
     "tensor_of",
     "unit_indices",
 ]
@@ -60,16 +61,23 @@ def tensor_of(module: nn.Module, name: str) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def shape_of(module: nn.Module, name: str) -> tuple[int, ...] | None:
-    """The shape of ``module.<name>`` (of ``<name>_orig`` when pruned), without computing it."""
+def stored_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor ``module.<name>`` is stored as: ``<name>_orig`` when pruned, else the parameter or
+    buffer itself (None when the module has neither)."""
     for t in (
         module._parameters.get(name + "_orig"),
         module._parameters.get(name),
         module._buffers.get(name),
     ):
         if t is not None:
-            return tuple(t.shape)
+            return t
     return None
+
+
+def shape_of(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The shape of ``module.<name>`` (of ``<name>_orig`` when pruned), without computing it."""
+    t = stored_of(module, name)
+    return None if t is None else tuple(t.shape)
 
 
 def is_parameter(model: nn.Module, member: Member) -> bool:

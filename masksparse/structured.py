@@ -38,6 +38,7 @@ from masksparse.importance import (
     per_unit,
     reduce_slices,
     shape_of,
+    stored_of,
     tensor_of,
     unit_indices,
 )
@@ -356,7 +357,8 @@ def _masks_for(
                 continue
             flat, unit = unit_indices(m)
             removed = flat[chosen[unit]]
-            ref = _stored(model.get_submodule(m.module), m.tensor)
+            ref = stored_of(model.get_submodule(m.module), m.tensor)
+            assert ref is not None  # a parameter member (is_parameter above)
             if is_dtensor(ref):  # each rank builds its own piece of the mask
                 piece = slices_masked(ref, m.dim, removed)
                 key = (m.module, m.tensor)
@@ -365,14 +367,6 @@ def _masks_for(
             mask = masks.setdefault((m.module, m.tensor), torch.ones(ref.shape, dtype=torch.bool))
             mask.index_fill_(m.dim, removed, False)
     return masks
-
-
-def _stored(module: nn.Module, name: str) -> torch.Tensor:
-    """The parameter ``module.<name>`` is stored as (``<name>_orig`` when pruned)."""
-    t = module._parameters.get(name + "_orig")
-    t = module._parameters.get(name) if t is None else t
-    assert t is not None  # a group member that is a parameter
-    return t
 
 
 def _select(

@@ -42,6 +42,11 @@ class Traffic:
         """Start counting again from zero."""
         self.calls, self.bytes, self.rounds = 0, 0, []
 
+    def add(self, t: torch.Tensor) -> None:
+        """Count one collective call that sends ``t``."""
+        self.calls += 1
+        self.bytes += t.numel() * t.element_size()
+
 
 TRAFFIC = Traffic()
 
@@ -89,8 +94,7 @@ def _group(refs: Sequence[Any]) -> dist.ProcessGroup | None:
 
 def _sum(t: Any, group: dist.ProcessGroup | None) -> torch.Tensor:
     dist.all_reduce(t, group=group)
-    TRAFFIC.calls += 1
-    TRAFFIC.bytes += t.numel() * t.element_size()
+    TRAFFIC.add(t)
     return t
 
 

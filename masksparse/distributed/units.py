@@ -46,8 +46,7 @@ def broadcast_scores(scores: Sequence[torch.Tensor], ref: Any) -> list[torch.Ten
     group = _group([ref])
     source = 0 if group is None else dist.get_global_rank(group, 0)
     dist.broadcast(flat, src=source, group=group)
-    TRAFFIC.calls += 1
-    TRAFFIC.bytes += flat.numel() * flat.element_size()
+    TRAFFIC.add(flat)
     return list(torch.split(flat, [s.numel() for s in scores]))
 
 

@@ -132,8 +132,8 @@ class _Recorder(TorchDispatchMode):
         self.sharded = sharded  # the model holds DTensor parameters (FSDP2 swaps whole ones in)
         self.values: list[Value] = []
         self.nodes: list[Node] = []
-        self.module_stack: list[tuple[str, type]] = [("", nn.Module)]
-        self.running: list[nn.Module] = []  # the modules module_stack names, innermost last
+        # (path, module) of the modules running, innermost last; the model's own run is ("", None)
+        self.module_stack: list[tuple[str, nn.Module | None]] = [("", None)]
         # Sources found on the running module rather than among the leaves: the whole parameters an
         # FSDP2 module gathers for its forward (new tensors each run, set on the module by FSDP).
         self.found: set[tuple[str, str]] = set()
@@ -164,14 +164,14 @@ class _Recorder(TorchDispatchMode):
         return v
 
     def lookup(self, t: torch.Tensor) -> Value:
+        entry = self.live.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
         sharded = gathered_from(t)  # a whole copy of a sharded mask: the mask buffer itself
         if sharded is not None:
             leaf = self.leaves.get(id(sharded))
             if leaf is not None and leaf[0] is sharded:
                 return self.new_value(t, True, keep=False, source=leaf[1], origin=leaf[1])
-        entry = self.live.get(id(t))
-        if entry is not None and entry[0]() is t:
-            return entry[1]
         if self.is_opaque(t):  # a gathered parameter, or a constant from other ranks
             return self.running_source(t) or self.new_value(t, True, keep=False)
         leaf = self.leaves.get(id(t))
@@ -193,12 +193,12 @@ class _Recorder(TorchDispatchMode):
         """``(path, name)`` if ``t`` is a parameter or buffer of the running module: the whole parameters
         an FSDP2 module gathers for its forward and sets on itself (new tensors, not leaves). Asked only
         of sharded models: in any other, a tensor a module sets on itself while running is a constant."""
-        if not self.sharded or not self.running:
+        path, module = self.module_stack[-1]
+        if not self.sharded or module is None:
             return None
-        module = self.running[-1]
         for name, own in (*module._parameters.items(), *module._buffers.items()):
             if own is t:
-                return (self.module_stack[-1][0], name)
+                return (path, name)
         return None
 
     def running_source(self, t: torch.Tensor) -> Value | None:
@@ -286,7 +286,8 @@ class _Recorder(TorchDispatchMode):
             for t in pytree.tree_leaves(out)
             if isinstance(t, torch.Tensor)
         ]
-        path, kind = self.module_stack[-1]
+        path, running = self.module_stack[-1]
+        kind = nn.Module if running is None else type(running)
         self.nodes.append(
             Node(
                 index, func, tuple(node_args), node_kwargs, tuple(inputs), tuple(outputs), path, kind,
@@ -367,15 +368,13 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
 
     def pre(path: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            recorder.module_stack.append((path, type(module)))
-            recorder.running.append(module)
+            recorder.module_stack.append((path, module))
 
         return hook
 
     def post(path: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             recorder.module_stack.pop()
-            recorder.running.pop()
             first = next(iter(output_tensors(output)), None)
             if first is not None and path not in outputs:
                 outputs[path] = recorder.lookup(first)
