@@ -460,6 +460,51 @@ class Expanded(nn.Module):
         return self.head(y * self.scale.expand(y.shape[0], -1, -1, -1) - torch.zeros_like(y))
 
 
+class Filled(nn.Module):
+    """Tensors holding one value, made in forward at the width of what they meet (T5's zero position
+    bias): they shrink with it. ``literal`` writes the width as a number instead: verification then
+    fails and the channels are kept, exactly."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        shape = (1, 8 if self.literal else y.shape[1], 1, 1)
+        return self.head(y * torch.ones(shape) + torch.zeros(shape) + torch.full(shape, 0.5))
+
+
+class FusedGateUp(nn.Module):
+    """Phi-3's MLP: one projection makes gate and up, ``chunk(2)`` parts them, ``up * act(gate)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(6, 2 * 10)
+        self.down = nn.Linear(10, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(up * nn.functional.silu(gate))
+
+
+def test_chunked_parts_lose_the_same_units() -> None:
+    """Invariant: unit j of a chunked fused projection is row j of every part; compaction keeps the
+    parts equal, so chunk(2) still parts gate from up."""
+    torch.manual_seed(0)
+    model = FusedGateUp().eval()
+    x = torch.randn(3, 4, 6)
+    prune_channels(model, x, 0.5)
+    rows = model.gate_up.weight_mask.any(1)
+    assert int(rows.sum()) == 10 and torch.equal(rows[:10], rows[10:])
+    small = compact(model, x)
+    assert (small.gate_up.out_features, small.down.in_features) == (10, 5)
+    with torch.no_grad():
+        assert relative_error(model(x), small(x)) <= 1e-6
+
+
 class Shifted(nn.Module):
     """Swin-style pieces: a roll over space, a bias table indexed by a buffer, a tensor made in forward."""
 
@@ -588,6 +633,9 @@ def _cases() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]]
         pieces=(Pieces, img, False),
         summed=(Summed, img, False),
         expanded=(Expanded, img, True),
+        filled=(Filled, img, True),
+        fused_gate_up=(FusedGateUp, (2, 5, 6), True),
+        filled_literal=(lambda: Filled(literal=True), img, False),
         shifted=(Shifted, img, True),
         embedding=(Embedded, (2, 5), True),
         attention=(Attention, (2, 5, 12), True),
@@ -609,7 +657,7 @@ CASES = {**_cases(), **cases_layers.CASES, **cases_attention.CASES}
 NOT_EXERCISED = {
     # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,
     # composite ops that reach the dispatcher already decomposed)
-    "reshape", "flatten", "detach", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
+    "reshape", "flatten", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
     "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes",
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
     "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "full_like",

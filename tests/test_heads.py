@@ -164,3 +164,73 @@ def test_a_head_whose_v_rows_are_masked_is_dead_only_if_its_v_bias_is_too(mask_b
     assert_same(model, small, X_TOKENS, rtol=1e-4)
     assert small.attn.num_heads == (3 if mask_bias else 4)
     assert small.attn.qkv.out_features == (54 if mask_bias else 72)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama-style attention: separate q, k, v projections reshaped with ``-1`` heads and a stored
+    head size, two query heads per key/value head, keys and values repeated for the groups."""
+
+    def __init__(self, dim: int = 24, heads: int = 4, kv_heads: int = 2, head_dim: int = 6) -> None:
+        super().__init__()
+        self.head_dim, self.groups = head_dim, heads // kv_heads
+        self.q_proj = nn.Linear(dim, heads * head_dim)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim)
+        self.o_proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        shape = (b, n, -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k, v = (
+            p(x).view(shape).transpose(1, 2).repeat_interleave(self.groups, 1)
+            for p in (self.k_proj, self.v_proj)
+        )
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class InferredHeadsDerivedSize(GroupedQueryAttention):
+    """``-1`` heads, but a head size computed from the input width: no attribute states it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        shape = (b, n, -1, c // 4)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k, v = (
+            p(x).view(shape).transpose(1, 2).repeat_interleave(self.groups, 1)
+            for p in (self.k_proj, self.v_proj)
+        )
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_inferred_grouped_query_heads_go_with_their_key_value_head() -> None:
+    """Invariant: with ``view(b, n, -1, head_dim)`` nothing holds the number of heads, so none needs
+    updating; a unit is one key/value head with its query heads, and the head size stays."""
+    torch.manual_seed(0)
+    model = GroupedQueryAttention().eval()
+    prune_channels(model, X_TOKENS, 0.5)
+    small = compact(model, X_TOKENS)
+    assert_same(model, small, X_TOKENS, rtol=1e-4)
+    assert (small.q_proj.out_features, small.k_proj.out_features, small.o_proj.in_features) == (12, 6, 12)
+    assert small.head_dim == 6 and small.groups == 2
+    plan = plan_compaction(model, X_TOKENS)
+    assert [(h.module, h.old, h.new) for h in plan.heads] == [("", 4, 2), ("", 2, 1)]
+    assert "heads: <model> keeps 2 of 4" in str(plan)
+
+
+def test_inferred_heads_without_a_stored_head_size_are_left_alone() -> None:
+    torch.manual_seed(0)
+    model = InferredHeadsDerivedSize().eval()
+    prune_channels(model, X_TOKENS, 0.5)
+    assert not hasattr(model.q_proj, "weight_mask")
+    mask = torch.ones(24, 24, dtype=torch.bool)
+    mask[:, 12:] = False  # key/value head 1 and its two query heads contribute nothing
+    prune.custom_from_mask(model.o_proj, "weight", mask)
+    plan = plan_compaction(model, X_TOKENS)
+    assert any("no head size 6 apart from the number of heads it infers" in k.reason for k in plan.kept)

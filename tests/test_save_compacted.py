@@ -306,6 +306,33 @@ def test_uniform_config_round_trips_through_from_pretrained(name: str, tmp_path:
     assert torch.equal(_run(loaded, inputs), _run(small, inputs))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi"])
+def test_inferred_heads_round_trip_through_from_pretrained(name: str, tmp_path: Path) -> None:
+    """Llama-style attention reshapes to ``(-1, head_dim)``, so no attribute holds its heads: grouped
+    query heads go with their key/value head, and the config states both counts. Qwen2 and Phi
+    derive the head size from the number of heads unless the config names it, so ``head_dim`` is set."""
+    transformers = pytest.importorskip("transformers")
+    model, inputs = hf_models.build(name), hf_models.inputs(name)
+    kv_heads = model.config.num_key_value_heads
+    small = _compacted(model, inputs, 0.5)
+    attn = small.layers[0].self_attn
+    assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 * kv_heads // 2
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, kv_heads // 2)
+    assert small.config.head_dim == 16
+    plan = compaction_plans(small)[0]
+    assert "heads: layers.0.self_attn keeps 2 of 4" in str(plan) and plan.config_mismatch == ""
+    path = tmp_path / "small.safetensors"
+    save_compacted(small, path)
+    rebuilt = load_compacted(hf_models.build(name, 1), path)
+    assert compaction_plans(rebuilt)[0].heads == plan.heads
+    assert torch.equal(_run(rebuilt, inputs), _run(small, inputs))
+    small.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(_run(loaded, inputs), _run(small, inputs))
+
+
 def test_heads_the_config_cannot_express_are_stated_and_load_compacted_still_works(tmp_path: Path) -> None:
     """BERT derives its head size from hidden_size // num_attention_heads: fewer heads of the same size
     have no config value, so it stays, the plan says why, and save_compacted still rebuilds the model."""

@@ -5,7 +5,8 @@ the config's sizes must be the compacted ones. Which config entries hold which m
 from one architecture to the next (``intermediate_size``, ``n_inner``, ``d_ff``, ``encoder_ffn_dim``,
 ``num_attention_heads``, ``n_head``, ``num_key_value_heads``, ...), so they are found, not listed: an
 entry whose name speaks of heads or of a feed-forward width and whose value some module held before
-compaction (``out_features``, ``num_heads``, ...) is a candidate for each value those modules hold now;
+compaction (``out_features``, ``num_heads``, ...) or that an attention module had as its number of heads
+(also when its reshape infers it, as Llama's does) is a candidate for each value those modules hold now;
 it is set to that value only when a model built from the changed config (on the meta device, without
 memory) has, in every tensor that the change resizes, the compacted model's shape. A size that differs
 over the layers, or that the model's code turns into other sizes (BERT derives its head size as
@@ -56,8 +57,9 @@ def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
         ...     small = compact(model, ids)
-        >>> compaction_plans(small)[0].config
-        (ConfigChange(name='intermediate_size', old=64, new=32, applied=True, reason=''),)
+        >>> [(c.name, c.old, c.new, c.applied) for c in compaction_plans(small)[0].config]
+        [('intermediate_size', 64, 32, True), ('num_attention_heads', 2, 1, True), \
+('num_key_value_heads', 2, 1, True)]
         >>> small.config.intermediate_size, small.layers[0].mlp.up_proj.out_features
         (32, 32)
     """
@@ -65,9 +67,10 @@ def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[
         return ()
     config: Any = model.config
     held: dict[int, set[int]] = {}  # a size modules held -> what they hold now
-    for a in plan.attributes:
-        if type(a.old) is int and type(a.new) is int and a.old != a.new:
-            held.setdefault(a.old, set()).add(a.new)
+    sizes = [(a.old, a.new) for a in plan.attributes] + [(h.old, h.new) for h in plan.heads]
+    for old, new in sizes:
+        if type(old) is int and type(new) is int and old != new:
+            held.setdefault(old, set()).add(new)
     candidates = [
         (k, v) for k, v in config.to_dict().items() if type(v) is int and _SIZE_NAME.search(k) and v in held
     ]
@@ -79,7 +82,9 @@ def config_changes(model: nn.Module, compacted: nn.Module, plan: Plan) -> tuple[
     except Exception as exc:  # a model whose class cannot be built from its config
         why = f"{type(model).__name__}(config) cannot be built to check it ({type(exc).__name__}: {exc})"
         return tuple(ConfigChange(k, v, v, applied=False, reason=why) for k, v in candidates)
-    return tuple(_change(model, config, k, v, sorted(held[v]), before, target) for k, v in candidates)
+    return tuple(
+        c for k, v in candidates for c in _change(model, config, k, v, sorted(held[v]), before, target)
+    )
 
 
 def config_mismatch(model: nn.Module, compacted: nn.Module, changes: tuple[ConfigChange, ...]) -> str:
@@ -130,33 +135,68 @@ def _has_config(model: nn.Module) -> bool:
 
 def _change(
     model: nn.Module, config: Any, name: str, old: int, news: list[int], before: _Shapes, target: _Shapes
-) -> ConfigChange:
+) -> list[ConfigChange]:
     reasons = []
     for new in news:
-        changed = copy.deepcopy(config)
-        setattr(changed, name, new)
-        try:
-            after = _built(model, changed)
-        except Exception as exc:
-            reasons.append(f"{type(model).__name__} cannot be built with {name}={new} ({type(exc).__name__})")
-            continue
-        resized = [key for key in after if key in before and after[key] != before[key] and key in target]
-        wrong = next((key for key in resized if after[key] != target[key]), None)
-        if resized and wrong is None:
-            return ConfigChange(name, old, new)
-        if wrong is not None:
-            reasons.append(
-                f"with {name}={new} the model would hold {wrong!r} of shape {after[wrong]}, the compacted "
-                f"one holds {target[wrong]}"
-            )
-        else:
-            reasons.append(
-                f"{name}={new} resizes no tensor of a model built from the config (its code derives other "
-                f"sizes from {name}), so no value of it describes the compacted model"
-            )
+        for extra in _head_size_kept(config, name):
+            why = _misfit(model, config, [(name, new), *extra], before, target)
+            if not why:
+                return [
+                    ConfigChange(name, old, new),
+                    *(ConfigChange(k, getattr(config, k, None), v) for k, v in extra),
+                ]
+            if not extra:  # the reason is the one without the head size
+                reasons.append(why)
     if len(news) > 1:  # the layers differ
         reasons.insert(0, f"modules that held {old} now hold {', '.join(map(str, news))}")
-    return ConfigChange(name, old, old, applied=False, reason="; ".join(reasons))
+    return [ConfigChange(name, old, old, applied=False, reason="; ".join(reasons))]
+
+
+def _misfit(
+    model: nn.Module, config: Any, entries: list[tuple[str, Any]], before: _Shapes, target: _Shapes
+) -> str:
+    """Why a model built from ``config`` with ``entries`` set would not have ``target``'s shapes in the
+    tensors they resize; "" when it would."""
+    name, new = entries[0]
+    changed = copy.deepcopy(config)
+    for k, v in entries:
+        setattr(changed, k, v)
+    try:
+        after = _built(model, changed)
+    except Exception as exc:
+        return f"{type(model).__name__} cannot be built with {name}={new} ({type(exc).__name__})"
+    resized = [key for key in after if key in before and after[key] != before[key] and key in target]
+    wrong = next((key for key in resized if after[key] != target[key]), None)
+    if wrong is not None:
+        return (
+            f"with {name}={new} the model would hold {wrong!r} of shape {after[wrong]}, the compacted one "
+            f"holds {target[wrong]}"
+        )
+    if not resized:
+        return (
+            f"{name}={new} resizes no tensor of a model built from the config (its code derives other sizes "
+            f"from {name}), so no value of it describes the compacted model"
+        )
+    return ""
+
+
+def _head_size_kept(config: Any, name: str) -> list[list[tuple[str, int]]]:
+    """The config entries to try along with a change of ``name``: none, then, for the number of query
+    heads of a config without a ``head_dim``, the head size its models derive
+    (``hidden_size // num_attention_heads``) set as ``head_dim``, which models such as Qwen2 read when
+    it is there, so that fewer heads keep their size."""
+    tries: list[list[tuple[str, int]]] = [[]]
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, name, None)
+    if (
+        name == "num_attention_heads"
+        and getattr(config, "head_dim", None) is None
+        and type(hidden) is int
+        and type(heads) is int
+        and heads > 0
+        and hidden % heads == 0
+    ):
+        tries.append([("head_dim", hidden // heads)])
+    return tries
 
 
 def _built(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,7 @@ __all__ = [
     "AttributeUpdate",
     "BiasFold",
     "ConfigChange",
+    "HeadChange",
     "KeptUnits",
     "NormalisationChange",
     "Plan",
@@ -53,6 +54,17 @@ class AttributeUpdate:
     name: str
     old: Any
     new: Any
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """The attention in ``module`` keeps ``new`` of its ``old`` heads (of one reshape splitting them
+    out), whether an attribute holds their number (then among the plan's attributes too) or its
+    reshape infers it (``view(B, N, -1, head_dim)``)."""
+
+    module: str
+    old: int
+    new: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class Plan:
     kept: tuple[KeptUnits, ...] = ()
     config: tuple[ConfigChange, ...] = ()
     config_mismatch: str = ""
+    heads: tuple[HeadChange, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -149,6 +162,8 @@ class Plan:
             )
         for a in self.attributes:
             lines.append(f"set: {a.module}.{a.name} = {a.new!r} (was {a.old!r})")
+        for h in self.heads:
+            lines.append(f"heads: {h.module or '<model>'} keeps {h.new} of {h.old}")
         for k in self.kept:
             lines.append(f"kept: {k.units} dead unit(s) of {k.module or '<model>'}: {k.reason}")
         for c in self.config:

@@ -24,7 +24,7 @@ from masksparse.compact._inexact import (
     normalisation_changes,
     width_attributes,
 )
-from masksparse.compact.plan import AttributeUpdate, BiasFold, KeptUnits, Plan, TensorCut
+from masksparse.compact.plan import AttributeUpdate, BiasFold, HeadChange, KeptUnits, Plan, TensorCut
 from masksparse.compact.slicers import slicer_for
 from masksparse.graph import Graph, trace
 from masksparse.graph.heads import head_attribute, shrunk_splits
@@ -189,9 +189,13 @@ def _attributes(model: nn.Module, graph: Graph, cuts: list[TensorCut]) -> list[A
     return updates
 
 
-def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> list[AttributeUpdate]:
-    """The attribute holding the number of heads, for every attention module that loses heads."""
+def _head_attributes(
+    model: nn.Module, graph: Graph, removed: np.ndarray
+) -> tuple[list[AttributeUpdate], list[HeadChange]]:
+    """For every attention module that loses heads: the attributes holding their number (and their
+    total width), and the change in the number of heads."""
     updates: dict[tuple[str, str], AttributeUpdate] = {}
+    heads: dict[tuple[str, int, int], HeadChange] = {}
     for split in shrunk_splits(graph, removed):
         assert split.slots is not None  # shrunk_splits sets them
         units = set(np.unique(graph.labels[split.slots[removed[split.slots]]]).tolist())
@@ -200,12 +204,16 @@ def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> lis
         except CompactionError as exc:
             raise KeepUnits([(units, split.module, str(exc))]) from exc
         module = model.get_submodule(split.module)
+        heads.setdefault(
+            (split.module, split.size, split.kept), HeadChange(split.module, split.size, split.kept)
+        )
         width = [
             AttributeUpdate(split.module, k, split.size * split.inner, split.kept * split.inner)
             for k in _HEADS_WIDTH
             if type(getattr(module, k, None)) is int and getattr(module, k) == split.size * split.inner
         ]
-        for update in [AttributeUpdate(split.module, name, split.size, split.kept), *width]:
+        held = [] if name is None else [AttributeUpdate(split.module, name, split.size, split.kept)]
+        for update in [*held, *width]:
             prior = updates.setdefault((split.module, update.name), update)
             if prior != update:
                 why = (
@@ -213,7 +221,7 @@ def _head_attributes(model: nn.Module, graph: Graph, removed: np.ndarray) -> lis
                     f"{update.new}: {update.name} cannot hold both"
                 )
                 raise KeepUnits([(units, split.module, why)])
-    return list(updates.values())
+    return list(updates.values()), list(heads.values())
 
 
 # Attributes that attention classes (Hugging Face's among them) keep for heads x head size and use in
@@ -292,7 +300,8 @@ def _plan_once(
         keep_groups_even(graph, removed)
     cuts = _cuts(graph, removed)
     folds = _folds(model, graph, removed, cuts)
-    attributes = _attributes(model, graph, cuts) + _head_attributes(model, graph, removed)
+    head_attributes, heads = _head_attributes(model, graph, removed)
+    attributes = _attributes(model, graph, cuts) + head_attributes
     changes = normalisation_changes(graph, removed) if allow_inexact else []
     if changes:
         attributes += normalisation_attributes(model, graph, changes, attributes)
@@ -305,7 +314,15 @@ def _plan_once(
             after += weight[0]  # a new bias, not cut
     activations = _activations(graph, removed)
     return Plan(
-        tuple(cuts), tuple(folds), tuple(attributes), before, after, activations, tuple(changes), kept=kept
+        tuple(cuts),
+        tuple(folds),
+        tuple(attributes),
+        before,
+        after,
+        activations,
+        tuple(changes),
+        kept=kept,
+        heads=tuple(heads),
     )
 
 

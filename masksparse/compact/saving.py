@@ -37,6 +37,7 @@ from masksparse.compact.plan import (
     AttributeUpdate,
     BiasFold,
     ConfigChange,
+    HeadChange,
     Plan,
     TensorCut,
     compaction_plans,
@@ -252,6 +253,7 @@ def _encode_plan(plan: Plan) -> dict[str, Any]:
             for a in plan.attributes
         ],
         "config": [[c.name, c.old, c.new] for c in plan.config if c.applied],
+        "heads": [[h.module, h.old, h.new] for h in plan.heads],
         "config_mismatch": plan.config_mismatch,
         "params": [plan.params_before, plan.params_after],
     }
@@ -304,6 +306,7 @@ def _decode_plan(model: nn.Module, data: Mapping[str, Any]) -> Plan:
         params_after=after,
         config=tuple(ConfigChange(n, o, v) for n, o, v in data["config"]),
         config_mismatch=str(data.get("config_mismatch", "")),
+        heads=tuple(HeadChange(m, o, n) for m, o, n in data.get("heads", ())),
     )
 
 

@@ -187,6 +187,10 @@ def _choose(
         choices = {}
         for k, split in enumerate(rel.splits):
             free = [p for p, d in enumerate(split.dims) if not fixed[graph.slots(split.parts, d)].any()]
+            last = len(split.dims) - 1
+            if split.inferred not in (None, last) and split.dims[last] == split.parts.ndim - 1:
+                # a head size: the last dim's size written out next to the one torch infers
+                free = [p for p in free if p != last]
             useful = [p for p in free if owned[labels[graph.slots(split.parts, split.dims[p])]].any()]
             choices[k] = (useful or free or [0])[0]
         rels[i] = _relate_node(graph, rel.node, choices)
@@ -224,12 +228,19 @@ def _merged(
     return remap[base]
 
 
+def _uniform(v: Value) -> bool:
+    """Whether forward made ``v`` (it has a producer) and it holds one value everywhere."""
+    t = v.tensor
+    return v.producer is not None and t is not None and t.numel() > 0 and bool((t == t.flatten()[0]).all())
+
+
 def _static_blocks(graph: Graph) -> list[tuple[np.ndarray, str]]:
-    """Constants created outside the model, and the model's inputs and outputs, keep their size."""
+    """Constants, and the model's inputs and outputs, keep their size; but not a constant that forward
+    makes holding one value everywhere (see :data:`masksparse.graph.layout.FILLED`)."""
     trace = graph.trace
     blocked = []
     for v in trace.values:
-        if v.static and v.source is None and v.origin is None:
+        if v.static and v.source is None and v.origin is None and not _uniform(v):
             reason = "a constant tensor with a fixed size"
             blocked += [(graph.slots(v, d), reason) for d in range(v.ndim)]
     for v, kind in [(v, "input") for v in trace.inputs] + [(v, "output") for v in trace.outputs]:

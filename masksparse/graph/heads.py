@@ -106,6 +106,8 @@ class HeadSplit:
     inner: int = 1
     # the graph slots of the heads dimension (whose units the heads are)
     slots: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # the reshape leaves the number of heads to torch (``view(B, N, -1, head_dim)``): no attribute holds it
+    inferred: bool = False
 
 
 def _head_splits(graph: Graph) -> list[tuple[Node, Split]]:
@@ -130,12 +132,20 @@ def shrunk_splits(graph: Graph, removed: np.ndarray) -> list[HeadSplit]:
         kept = int((~removed[graph.slots(split.parts, d)]).sum())
         if kept < split.parts.shape[d]:
             slots = graph.slots(split.parts, d)
-            found.append(HeadSplit(node.module, node, split.parts.shape[d], kept, _inner(split), slots))
+            size = split.parts.shape[d]
+            found.append(HeadSplit(node.module, node, size, kept, _inner(split), slots, _inferred(split)))
     return found
 
 
 def _inner(split: Split) -> int:
     return math.prod(split.parts.shape[e] for e in split.dims[split.choice + 1 :])
+
+
+def _inferred(split: Split) -> bool:
+    """Whether the reshape asks for ``-1`` where the heads go (``view(B, N, -1, self.head_dim)``, as
+    Hugging Face's Llama, Mistral and Qwen attention do): torch then infers the number of heads from
+    the projection's width, and nothing in the module needs to hold it."""
+    return split.inferred == split.choice
 
 
 def fixed_heads(model: nn.Module, graph: Graph) -> dict[int, str]:
@@ -151,7 +161,8 @@ def fixed_heads(model: nn.Module, graph: Graph) -> dict[int, str]:
         size = split.parts.shape[d]
         try:
             head_attribute(
-                model.get_submodule(node.module), HeadSplit(node.module, node, size, size - 1, _inner(split))
+                model.get_submodule(node.module),
+                HeadSplit(node.module, node, size, size - 1, _inner(split), inferred=_inferred(split)),
             )
         except CompactionError as exc:
             for unit in np.unique(graph.labels[graph.slots(split.parts, d)]).tolist():
@@ -159,8 +170,10 @@ def fixed_heads(model: nn.Module, graph: Graph) -> dict[int, str]:
     return found
 
 
-def head_attribute(module: nn.Module, split: HeadSplit) -> str:
-    """The name of ``module``'s int attribute that holds ``split.size`` (the number of heads).
+def head_attribute(module: nn.Module, split: HeadSplit) -> str | None:
+    """The name of ``module``'s int attribute that holds ``split.size`` (the number of heads). When the
+    reshape infers the number (``-1``), such an attribute is optional (None when there is none), but
+    the module must still hold the head size.
 
     Several candidates narrow to names that speak of heads and not of a size or dim
     (``num_heads`` over ``head_dim`` when the two are equal); anything else is refused rather than
@@ -186,8 +199,12 @@ def head_attribute(module: nn.Module, split: HeadSplit) -> str:
     ints = [
         k for k, v in vars(module).items() if type(v) is int and v == split.size and not k.startswith("_")
     ]
-    if len(ints) > 1:
+    if len(ints) > 1 or split.inferred:
         ints = [k for k in ints if "head" in k and not any(w in k for w in ("dim", "size"))]
+    if split.inferred:  # an attribute naming the heads is kept true, if there is one
+        name = ints[0] if len(ints) == 1 else None
+        _check_head_size(module, split, name or "the number of heads it infers")
+        return name
     if len(ints) != 1:
         what = "no int attribute" if not ints else f"several int attributes ({', '.join(ints)})"
         raise _refused(
@@ -196,15 +213,28 @@ def head_attribute(module: nn.Module, split: HeadSplit) -> str:
             f"has {what} equal to {split.size} to update: store the number of heads in one attribute "
             f"(e.g. self.num_heads) and use it in forward",
         )
-    if not any(type(v) is int and v == split.inner and k != ints[0] for k, v in vars(module).items()):
+    _check_head_size(module, split, ints[0])
+    return ints[0]
+
+
+def _check_head_size(module: nn.Module, split: HeadSplit, heads: str) -> None:
+    """Refuse a module that holds no head size apart from its number of heads: its forward derives the
+    head size from it (``C // num_heads``), so removing heads would change it. A head size reshaped
+    together with other parts before a chunk (GPT-NeoX's ``view(B, N, -1, 3 * self.head_size)``) counts
+    when the reshape infers the number of heads and an attribute named for the head size divides it."""
+    held = [(k, v) for k, v in vars(module).items() if type(v) is int and v > 1 and k != heads]
+    if not any(
+        v == split.inner
+        or (split.inferred and "head" in k and split.inner % v == 0 and split.inner // v <= 4)
+        for k, v in held
+    ):
         raise _refused(
             module,
             split,
-            f"keeps no head size {split.inner} apart from {ints[0]}, so forward derives it from "
-            f"{ints[0]} and removing heads would change it: store it in an attribute (e.g. "
+            f"keeps no head size {split.inner} apart from {heads}, so forward derives it from "
+            f"{heads} and removing heads would change it: store it in an attribute (e.g. "
             f"self.head_dim) and use it in forward",
         )
-    return ints[0]
 
 
 def _refused(module: nn.Module, split: HeadSplit, why: str) -> CompactionError:

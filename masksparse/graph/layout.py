@@ -220,6 +220,7 @@ def _view(node: Node, rel: Relations) -> None:
     blocks = _blocks(x.shape, out.shape) if 0 not in x.shape else None
     if blocks is None:
         return
+    blocks = [_single_head(node, out, da, db) for da, db in blocks]
     for da, db in blocks:
         if len(da) == 1 and len(db) == 1:
             rel.carry(x, da[0], out, db[0])
@@ -243,6 +244,18 @@ def _view(node: Node, rel: Relations) -> None:
         for k, d in enumerate(parts_of):
             if k != j:
                 rel.keep_part(parts, d, f"other part of a dimension merged or split by {_where(node)}")
+
+
+def _single_head(node: Node, out: Value, da: list[int], db: list[int]) -> tuple[list[int], list[int]]:
+    """``view(B, N, -1, self.head_dim)`` of a projection one head wide (multi-query attention's keys and
+    values) moves the head size to the last dim, and torch infers the one head before it: still a split
+    of the projection into heads and a head size written out, which keeps its size."""
+    shape = node.args[1] if node.op.overloadpacket in (aten.view, aten.reshape, aten._unsafe_view) else None
+    if len(da) == len(db) == 1 and isinstance(shape, (list, tuple)) and len(shape) == out.ndim:
+        k = db[0] - 1
+        if db[0] == out.ndim - 1 and k >= 0 and shape[k] == -1 and out.shape[k] == 1:
+            return da, [k, db[0]]
+    return da, db
 
 
 @register_rule(aten.expand)
@@ -328,12 +341,37 @@ def _select(node: Node, rel: Relations) -> None:
 def _split(node: Node, rel: Relations) -> None:
     x = node.inputs[0]
     dim = node.arg(1 if node.op.overloadpacket is aten.unbind else 2, "dim", 0) % x.ndim
+    if _equal_parts(node, rel, x, dim):
+        return
     rel.block(x, dim, f"split into fixed sizes by {_where(node)}")
     for out in node.outputs:
         keeps = out.ndim == x.ndim
         if keeps:
             rel.block(out, dim, f"split into fixed sizes by {_where(node)}")
         _carry_except(node, rel, x, out, dim, keeps)
+
+
+def _equal_parts(node: Node, rel: Relations, x: Value, dim: int) -> bool:
+    """``chunk(n, dim)`` (which reaches aten as ``split`` into equal sizes): each part's slot ``j`` is
+    the input's ``k * size + j``, and the parts lose the same slots, so that chunking the compacted
+    tensor cuts it where it cut before (Phi-3's fused ``gate_up_proj``, then ``gate * up``)."""
+    outs = node.outputs
+    if node.op.overloadpacket not in (aten.split, aten.unsafe_split) or len(outs) < 2:
+        return False
+    size = outs[0].shape[dim] if outs[0].ndim == x.ndim else 0
+    if (
+        size == 0
+        or any(o.ndim != x.ndim or o.shape[dim] != size for o in outs)
+        or size * len(outs) != x.shape[dim]
+    ):
+        return False
+    j = np.arange(size)
+    for k, out in enumerate(outs):
+        rel.carry(x, dim, out, dim, src_index=k * size + j, dst_index=j)
+        if k:
+            rel.tie(outs[0], dim, out, dim)
+        _carry_except(node, rel, x, out, dim, True)
+    return True
 
 
 _MOVES = (aten.t, aten.transpose, aten.permute, aten.clone, aten.contiguous, aten.alias, aten.detach)
@@ -432,6 +470,18 @@ def _index(node: Node, rel: Relations) -> None:
             rel.carry(x, d, out, d if d < k else d + idx.ndim - 1)
     for d in range(idx.ndim):
         rel.tie(idx, d, out, k + d)
+
+
+# Factories of tensors holding one value everywhere: such a tensor is the same whatever its size, so it
+# shrinks with what it meets, made again by the module's code from the attributes compaction updates
+# (T5's cross-attention adds ``torch.zeros((1, self.n_heads, q, k))`` to its scores, and the later layers
+# add the same tensor). A size written as a literal fails verification instead, which keeps those units.
+FILLED = (aten.zeros, aten.ones, aten.full)
+
+
+@register_rule(*FILLED)
+def _filled(node: Node, rel: Relations) -> None:
+    rel.ignore(node.outputs[0])
 
 
 @register_rule(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)

@@ -70,7 +70,8 @@ class Split:
     ``merged_dim`` against ``parts``' ``dims``. Only one part can follow the merged dimension's units
     (``choice``, a position in ``dims``); the others keep their size. ``splits``: the merged
     dimension is the input (``(B, N, 3*H*hd) -> (B, N, 3, H, hd)``), so the part sizes come from the
-    model's code.
+    model's code. ``inferred``: the position in ``dims`` of the part the split's reshape gives as ``-1``
+    (``view(B, N, -1, self.head_dim)``), whose size torch infers; None when every size is written out.
     """
 
     merged: Value
@@ -79,6 +80,17 @@ class Split:
     dims: tuple[int, ...]
     splits: bool
     choice: int
+    inferred: int | None = None
+
+
+_RESHAPES = (torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view)
+
+
+def _inferred(node: Node, parts: Value, dims: list[int]) -> int | None:
+    shape = node.args[1] if node.op.overloadpacket in _RESHAPES and len(node.args) > 1 else None
+    if not isinstance(shape, (list, tuple)) or len(shape) != parts.ndim:
+        return None
+    return next((k for k, d in enumerate(dims) if shape[d] == -1), None)
 
 
 class Relations:
@@ -134,7 +146,8 @@ class Relations:
         """
         choice = self.choices.get(len(self.splits), 0)
         merged_dim = merged_dim % max(merged.ndim, 1)
-        self.splits.append(Split(merged, merged_dim, parts, tuple(dims), splits, choice))
+        inferred = _inferred(self.node, parts, dims) if splits else None
+        self.splits.append(Split(merged, merged_dim, parts, tuple(dims), splits, choice, inferred))
         return choice
 
     def keep_part(self, v: Value, dim: int, reason: str) -> None:
