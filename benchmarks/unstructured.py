@@ -11,6 +11,12 @@ the same calibration batches. Seconds are wall-clock for the pruning call alone.
     python benchmarks/unstructured.py --calibration 256 --settings 0.5
     python benchmarks/unstructured.py --scaling        # seconds and peak memory vs width, Linear stacks
     python benchmarks/unstructured.py --lenet          # LeNet on digits, convolutions pruned too
+    python benchmarks/unstructured.py --calibration 512 --methods sparsegpt,sparsegpt+distill
+
+A method ``X+distill`` prunes with ``X``, then :func:`masksparse.distill` trains the masked model (its
+masks hold: pruned weights stay zero) to reproduce the dense model's hidden states, without labels, on
+calibration sentences the pruning never saw (``--distill-steps`` batches of 16, the learning rate
+decaying linearly to zero); its seconds are the pruning and the distillation together.
 """
 
 from __future__ import annotations
@@ -31,7 +37,26 @@ import _harness  # noqa: E402
 import _minilm  # noqa: E402
 import _reference  # noqa: E402
 
-from masksparse import prune_unstructured  # noqa: E402
+from masksparse import distill, prune_unstructured  # noqa: E402
+
+# every layer's hidden states at the real tokens, as benchmarks/distillation.py matches them
+_DISTILL_LR = 4e-5
+
+
+def _hidden_states(output, batch):
+    real = batch["attention_mask"].bool()
+    return torch.stack([h[real] for h in output.hidden_states[1:]])
+
+
+def _distilled(model: torch.nn.Module, dense: torch.nn.Module, data: list[dict], steps: int) -> None:
+    unlabelled = [dict(b, output_hidden_states=True) for b in data]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=_DISTILL_LR)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / steps))
+    distill(
+        model, dense, unlabelled, steps=steps, optimizer=optimizer, outputs=_hidden_states,
+        callback=lambda step, loss: decay.step(),
+    )  # fmt: skip
 
 
 def _setting(text: str) -> tuple[float, str | None]:
@@ -131,6 +156,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--distill-steps", type=int, default=300, help="for the X+distill methods")
     parser.add_argument("--scaling", action="store_true", help="time vs width on Linear stacks instead")
     parser.add_argument("--widths", default="512,1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=3)
@@ -149,7 +175,13 @@ def main() -> None:
         return
     torch.manual_seed(0)
     dense, tok = _minilm.load()
-    calib = _minilm.batches(tok, _minilm.sentences("calibration", args.calibration), args.batch_size)
+    distilling = any(m.endswith("+distill") for m in args.methods.split(","))
+    # the distillation batches come after the calibration sentences, up to the 1,408 the text gives
+    texts = _minilm.sentences("calibration", 1408 if distilling else args.calibration)
+    calib = _minilm.batches(tok, texts[: args.calibration], args.batch_size)
+    unseen = _minilm.batches(tok, texts[args.calibration :], 16) if distilling else []
+    if distilling and args.distill_steps > len(unseen):
+        parser.error(f"--distill-steps {args.distill_steps}: only {len(unseen)} unseen batches of 16")
     evals = _minilm.batches(tok, _minilm.sentences("evaluation", args.evaluation), args.batch_size)
     reference = _minilm.embed(dense, evals)
     modules = _minilm.encoder_linears(dense)
@@ -163,9 +195,12 @@ def main() -> None:
                 n, m = (int(x) for x in pattern.split(":")) if pattern else (0, 0)
                 _reference.prune_bert(model, calib, method[4:], amount, n, m)
             else:
+                base = method.removesuffix("+distill")
                 prune_unstructured(
-                    model, calib, amount, method=method, pattern=pattern, modules=modules, progress=False
+                    model, calib, amount, method=base, pattern=pattern, modules=modules, progress=False
                 )
+                if method != base:
+                    _distilled(model, dense, unseen[: args.distill_steps], args.distill_steps)
             seconds = time.perf_counter() - start
             mean, low = _minilm.cosine(reference, _minilm.embed(model, evals))
             rows.append([pattern or f"{amount:.0%}", method, f"{mean:.4f}", f"{low:.4f}", f"{seconds:.1f}"])

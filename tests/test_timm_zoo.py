@@ -37,6 +37,7 @@ _BOUNDS: dict[str, tuple[float, str]] = {
     "csatv2": (0.83, "attention heads reshaped with the full width C are kept"),
     "deepseek_vit": (1.0, "nothing prunable outside normalised widths"),
     "efficientformer_v2": (0.80, "its attention token mixers keep their units"),
+    "gcvit": (0.76, "RelPosBias reshapes its table with the tuple bias_shape: those heads are kept"),
     "mlp_mixer": (1.0, "nothing prunable outside normalised widths"),
     "mobilenetv5": (0.95, "units kept where the compacted model could not run without them"),
     "pvt_v2": (0.78, "units kept where the compacted model could not run without them"),

@@ -352,11 +352,12 @@ def _split(node: Node, rel: Relations) -> None:
 
 
 def _equal_parts(node: Node, rel: Relations, x: Value, dim: int) -> bool:
-    """``chunk(n, dim)`` (which reaches aten as ``split`` into equal sizes): each part's slot ``j`` is
+    """``chunk(n, dim)`` (which reaches aten as ``split`` into equal sizes, see ``Node.chunk``; a
+    ``split`` the model calls writes its sizes out and keeps them): each part's slot ``j`` is
     the input's ``k * size + j``, and the parts lose the same slots, so that chunking the compacted
     tensor cuts it where it cut before (Phi-3's fused ``gate_up_proj``, then ``gate * up``)."""
     outs = node.outputs
-    if node.op.overloadpacket not in (aten.split, aten.unsafe_split) or len(outs) < 2:
+    if not node.chunk or node.op.overloadpacket not in (aten.split, aten.unsafe_split) or len(outs) < 2:
         return False
     size = outs[0].shape[dim] if outs[0].ndim == x.ndim else 0
     if (

@@ -31,6 +31,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
@@ -83,6 +84,8 @@ class Node:
     module: str
     module_type: type | None = None
     training: bool = False  # recorded by the training-mode run (see record)
+    # issued by torch.chunk, which computes its part size from the tensor (aten sees a split into sizes)
+    chunk: bool = False
 
     def arg(self, position: int, name: str, default: Any = None) -> Any:
         """The argument at ``position`` or keyword ``name``, else ``default``."""
@@ -150,6 +153,7 @@ class _Recorder(TorchDispatchMode):
         # being reused by a new one; static tensors are also held strongly by their Value.
         self.live: dict[int, tuple[weakref.ref[torch.Tensor], Value]] = {}
         self.replay: dict[Hashable, Node] | None = None
+        self.chunks = 0  # torch.chunk calls running (see _Chunks)
 
     def new_value(self, t: torch.Tensor, static: bool, keep: bool = True, **extra: Any) -> Value:
         v = Value(len(self.values), tuple(t.shape), t.dtype, static, **extra)
@@ -291,7 +295,7 @@ class _Recorder(TorchDispatchMode):
         self.nodes.append(
             Node(
                 index, func, tuple(node_args), node_kwargs, tuple(inputs), tuple(outputs), path, kind,
-                training=self.replay is not None,
+                training=self.replay is not None, chunk=self.chunks > 0,
             )
         )  # fmt: skip
         return out
@@ -393,6 +397,28 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
             h.remove()
 
 
+class _Chunks(TorchFunctionMode):
+    """Tells the recorder when ``torch.chunk`` runs: aten sees it as ``split`` into sizes, but chunk
+    computes its part size from the tensor, so its parts follow a compacted width, where a size passed
+    to ``split`` is written out in the model's code."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func not in _CHUNK:
+            return func(*args, **(kwargs or {}))
+        self.recorder.chunks += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.recorder.chunks -= 1
+
+
+_CHUNK = (torch.chunk, torch.Tensor.chunk)
+
+
 def record(model: nn.Module, example_inputs: Any) -> Trace:
     """Run ``model`` in eval mode without gradients and record what it did.
 
@@ -426,14 +452,14 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
     module_outputs: dict[str, Value] = {}
     # reads_cached: each masked weight is one product per run, however often the model reads it
     with torch.no_grad(), reads_cached(), _module_hooks(model, recorder, module_outputs):
-        with _eval_mode(model), recorder:
+        with _eval_mode(model), _Chunks(recorder), recorder:
             out = _run(model, call, recorder, "")
         out_tensors = output_tensors(out)
         outputs = [recorder.lookup(t) for t in out_tensors]
         unused = _unused(params, recorder)
         if unused:
             recorder.start_replay()
-            with _training_mode(model, call), recorder:
+            with _training_mode(model, call), _Chunks(recorder), recorder:
                 why = (
                     f"parameters {_names(unused)} take no part in the eval-mode run, and the training-mode "
                     f"run that shows which channels they read failed (make model.train() run on the "
