@@ -8,6 +8,13 @@ conv1, conv2, fc1 and fc2 (the classes stay).
 
     python benchmarks/criteria.py                   # 3 seeds, 2 fine-tune epochs
     python benchmarks/criteria.py --minilm          # the pretrained MiniLM: 25% of heads and FFN units
+    python benchmarks/criteria.py --torchpruner DIR  # also TorchPruner's own attributions (DIR: a checkout)
+
+``--torchpruner DIR``: TorchPruner (github.com/marcoancona/TorchPruner, not on PyPI: the ``torchpruner`` there
+is another project) imported from a checkout at DIR. Its attribution metrics score the output units of
+conv1, conv2, fc1 and fc2 on the same calibration batches and cross-entropy; masksparse then prunes the
+lowest half of each layer by those scores (``importance=`` a callable) and compacts, so the rows
+``tp-*`` differ from masksparse's only in the scores.
 
 ``--minilm``: all-MiniLM-L6-v2 (``benchmarks/_minilm.py``), ``prune_channels(model, batch, 0.25)`` (the
 heads and FFN units; the LayerNorm'd hidden width stays), each criterion with and without
@@ -20,7 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
@@ -35,11 +45,45 @@ CRITERIA = (
 )  # fmt: skip
 
 
+# TorchPruner's metric classes, by the name of the masksparse criterion each matches
+TORCHPRUNER = {
+    "tp-random": "RandomAttributionMetric",
+    "tp-weight_norm": "WeightNormAttributionMetric",
+    "tp-apoz": "APoZAttributionMetric",
+    "tp-sensitivity": "SensitivityAttributionMetric",
+    "tp-taylor": "TaylorAttributionMetric",
+    "tp-shapley": "ShapleyAttributionMetric",
+}
+_LAYERS = ("conv1", "conv2", "fc1", "fc2")
+
+
+def _torchpruner_importance(checkout: str, name: str, model: nn.Module, data: list) -> Callable:
+    """Score every pruned layer's output units with TorchPruner's metric ``name``; the importance
+    callable that hands each group the scores of the layer producing it."""
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    import torchpruner.attributions as attributions
+
+    options = {"sv_samples": 4} if name == "tp-shapley" else {}
+    metric = getattr(attributions, TORCHPRUNER[name])(
+        model, data, nn.functional.cross_entropy, torch.device("cpu"), **options
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # register_backward_hook is deprecated
+        scores = {layer: torch.as_tensor(metric.run(getattr(model, layer))) for layer in _LAYERS}
+
+    def importance(group, model):
+        producer = next(m.module for m in group.members if m.dim == 0 and m.module in scores)
+        return scores[producer]
+
+    return importance
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(seed: int, epochs: int) -> dict[str, tuple[float, float, float, float]]:
+def run(seed: int, epochs: int, torchpruner: str = "") -> dict[str, tuple[float, float, float, float]]:
     train_set, test_set = load_digits(seed=seed)
     torch.manual_seed(seed)
     dense = LeNet()
@@ -47,12 +91,14 @@ def run(seed: int, epochs: int) -> dict[str, tuple[float, float, float, float]]:
     images, labels = train_set.tensors
     data = [(images[i : i + 128], labels[i : i + 128]) for i in range(0, 512, 128)]
     out = {"dense": (evaluate(dense, test_set), evaluate(dense, test_set), 1.0, 0.0)}
-    for name in CRITERIA:
+    for name in CRITERIA + (tuple(TORCHPRUNER) if torchpruner else ()):
         model = copy.deepcopy(dense)
         torch.manual_seed(seed)  # "random" draws from the global generator
         importance, _, rebuild = name.partition("+")
         kw = {} if name in ("random", "l1", "l2") else {"data": data, "loss_fn": nn.functional.cross_entropy}
         start = time.perf_counter()
+        if name in TORCHPRUNER:
+            importance, kw = _torchpruner_importance(torchpruner, name, model, data), {}
         prune_channels(model, images[:2], 0.5, importance=importance, reconstruct=bool(rebuild), **kw)
         seconds = time.perf_counter() - start
         small = compact(model, images[:8])
@@ -101,13 +147,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--minilm", action="store_true")
     parser.add_argument("--calibration", type=int, default=128, help="MiniLM calibration sentences")
+    parser.add_argument("--torchpruner", default="", help="a checkout of TorchPruner, run beside")
     args = parser.parse_args()
     if args.minilm:
         minilm(args.calibration)
         return
-    results = [run(int(s), args.epochs) for s in args.seeds.split(",")]
+    results = [run(int(s), args.epochs, args.torchpruner) for s in args.seeds.split(",")]
     rows = []
-    for name in ("dense", *CRITERIA):
+    for name in ("dense", *CRITERIA, *(TORCHPRUNER if args.torchpruner else ())):
         before = statistics.mean(r[name][0] for r in results)
         after = statistics.mean(r[name][1] for r in results)
         rows.append(

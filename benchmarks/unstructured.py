@@ -15,8 +15,8 @@ the same calibration batches. Seconds are wall-clock for the pruning call alone.
 
 A method ``X+distill`` prunes with ``X``, then :func:`masksparse.distill` trains the masked model (its
 masks hold: pruned weights stay zero) to reproduce the dense model's hidden states, without labels, on
-calibration sentences the pruning never saw (``--distill-steps`` batches of 16, the learning rate
-decaying linearly to zero); its seconds are the pruning and the distillation together.
+calibration sentences the pruning never saw (56 batches of 16, cycled for ``--distill-steps`` steps,
+the learning rate decaying linearly to zero); its seconds are the pruning and the distillation together.
 """
 
 from __future__ import annotations
@@ -180,8 +180,6 @@ def main() -> None:
     texts = _minilm.sentences("calibration", 1408 if distilling else args.calibration)
     calib = _minilm.batches(tok, texts[: args.calibration], args.batch_size)
     unseen = _minilm.batches(tok, texts[args.calibration :], 16) if distilling else []
-    if distilling and args.distill_steps > len(unseen):
-        parser.error(f"--distill-steps {args.distill_steps}: only {len(unseen)} unseen batches of 16")
     evals = _minilm.batches(tok, _minilm.sentences("evaluation", args.evaluation), args.batch_size)
     reference = _minilm.embed(dense, evals)
     modules = _minilm.encoder_linears(dense)
@@ -200,7 +198,7 @@ def main() -> None:
                     model, calib, amount, method=base, pattern=pattern, modules=modules, progress=False
                 )
                 if method != base:
-                    _distilled(model, dense, unseen[: args.distill_steps], args.distill_steps)
+                    _distilled(model, dense, unseen, args.distill_steps)  # distill cycles through them
             seconds = time.perf_counter() - start
             mean, low = _minilm.cosine(reference, _minilm.embed(model, evals))
             rows.append([pattern or f"{amount:.0%}", method, f"{mean:.4f}", f"{low:.4f}", f"{seconds:.1f}"])

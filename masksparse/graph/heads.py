@@ -133,7 +133,9 @@ def shrunk_splits(graph: Graph, removed: np.ndarray) -> list[HeadSplit]:
         if kept < split.parts.shape[d]:
             slots = graph.slots(split.parts, d)
             size = split.parts.shape[d]
-            found.append(HeadSplit(node.module, node, size, kept, _inner(split), slots, _inferred(split)))
+            found.append(
+                HeadSplit(node.module, node, size, kept, _inner(split), slots, _heads_inferred(split))
+            )
     return found
 
 
@@ -141,7 +143,7 @@ def _inner(split: Split) -> int:
     return math.prod(split.parts.shape[e] for e in split.dims[split.choice + 1 :])
 
 
-def _inferred(split: Split) -> bool:
+def _heads_inferred(split: Split) -> bool:
     """Whether the reshape asks for ``-1`` where the heads go (``view(B, N, -1, self.head_dim)``, as
     Hugging Face's Llama, Mistral and Qwen attention do): torch then infers the number of heads from
     the projection's width, and nothing in the module needs to hold it."""
@@ -162,7 +164,7 @@ def fixed_heads(model: nn.Module, graph: Graph) -> dict[int, str]:
         try:
             head_attribute(
                 model.get_submodule(node.module),
-                HeadSplit(node.module, node, size, size - 1, _inner(split), inferred=_inferred(split)),
+                HeadSplit(node.module, node, size, size - 1, _inner(split), inferred=_heads_inferred(split)),
             )
         except CompactionError as exc:
             for unit in np.unique(graph.labels[graph.slots(split.parts, d)]).tolist():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from masksparse.graph.record import Node, Value
-from masksparse.graph.rules import Relations, Split, States, register_rule, slice_constants
+from masksparse.graph.rules import Relations, Split, States, asked_shape, register_rule, slice_constants
 
 aten = torch.ops.aten
 
@@ -250,8 +250,8 @@ def _single_head(node: Node, out: Value, da: list[int], db: list[int]) -> tuple[
     """``view(B, N, -1, self.head_dim)`` of a projection one head wide (multi-query attention's keys and
     values) moves the head size to the last dim, and torch infers the one head before it: still a split
     of the projection into heads and a head size written out, which keeps its size."""
-    shape = node.args[1] if node.op.overloadpacket in (aten.view, aten.reshape, aten._unsafe_view) else None
-    if len(da) == len(db) == 1 and isinstance(shape, (list, tuple)) and len(shape) == out.ndim:
+    shape = asked_shape(node)
+    if len(da) == len(db) == 1 and shape is not None:
         k = db[0] - 1
         if db[0] == out.ndim - 1 and k >= 0 and shape[k] == -1 and out.shape[k] == 1:
             return da, [k, db[0]]

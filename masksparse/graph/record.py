@@ -20,6 +20,7 @@ a gathered tensor keeps its contents, so the trace never holds the whole model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
@@ -31,7 +32,6 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from masksparse._errors import CompactionError, MaskSparseError
@@ -397,26 +397,30 @@ def _module_hooks(model: nn.Module, recorder: _Recorder, outputs: dict[str, Valu
             h.remove()
 
 
-class _Chunks(TorchFunctionMode):
-    """Tells the recorder when ``torch.chunk`` runs: aten sees it as ``split`` into sizes, but chunk
+@contextlib.contextmanager
+def _chunks(recorder: _Recorder) -> Iterator[None]:
+    """Tell the recorder when ``torch.chunk`` runs: aten sees it as ``split`` into sizes, but chunk
     computes its part size from the tensor, so its parts follow a compacted width, where a size passed
-    to ``split`` is written out in the model's code."""
+    to ``split`` is written out in the model's code. The two functions are wrapped for the run (a
+    TorchFunctionMode would do, but it turns off ``nn.MultiheadAttention``'s fused path)."""
+    originals = torch.chunk, torch.Tensor.chunk
 
-    def __init__(self, recorder: _Recorder) -> None:
-        super().__init__()
-        self.recorder = recorder
+    def counted(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def chunk(*args: Any, **kwargs: Any) -> Any:
+            recorder.chunks += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                recorder.chunks -= 1
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func not in _CHUNK:
-            return func(*args, **(kwargs or {}))
-        self.recorder.chunks += 1
-        try:
-            return func(*args, **(kwargs or {}))
-        finally:
-            self.recorder.chunks -= 1
+        return chunk
 
-
-_CHUNK = (torch.chunk, torch.Tensor.chunk)
+    torch.chunk, torch.Tensor.chunk = counted(originals[0]), counted(originals[1])  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.chunk, torch.Tensor.chunk = originals  # type: ignore[method-assign]
 
 
 def record(model: nn.Module, example_inputs: Any) -> Trace:
@@ -452,14 +456,14 @@ def record(model: nn.Module, example_inputs: Any) -> Trace:
     module_outputs: dict[str, Value] = {}
     # reads_cached: each masked weight is one product per run, however often the model reads it
     with torch.no_grad(), reads_cached(), _module_hooks(model, recorder, module_outputs):
-        with _eval_mode(model), _Chunks(recorder), recorder:
+        with _eval_mode(model), _chunks(recorder), recorder:
             out = _run(model, call, recorder, "")
         out_tensors = output_tensors(out)
         outputs = [recorder.lookup(t) for t in out_tensors]
         unused = _unused(params, recorder)
         if unused:
             recorder.start_replay()
-            with _training_mode(model, call), _Chunks(recorder), recorder:
+            with _training_mode(model, call), _chunks(recorder), recorder:
                 why = (
                     f"parameters {_names(unused)} take no part in the eval-mode run, and the training-mode "
                     f"run that shows which channels they read failed (make model.train() run on the "

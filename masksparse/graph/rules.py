@@ -22,13 +22,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from masksparse.graph.record import Node, Value
 
-__all__ = ["Contraction", "Inexact", "Relations", "Rule", "Split", "States", "register_rule", "rule_for"]
+__all__ = [
+    "Contraction",
+    "Inexact",
+    "Relations",
+    "Rule",
+    "Split",
+    "States",
+    "asked_shape",
+    "register_rule",
+    "rule_for",
+]
 
 Index = np.ndarray
 
@@ -86,11 +97,28 @@ class Split:
 _RESHAPES = (torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view)
 
 
-def _inferred(node: Node, parts: Value, dims: list[int]) -> int | None:
+def asked_shape(node: Node) -> list[Any] | None:
+    """The sizes a ``view``/``reshape`` node was asked for, ``-1`` where torch infers one; None for
+    other nodes.
+
+    Example:
+        >>> import torch
+        >>> from masksparse.graph.record import record
+        >>> from masksparse.graph.rules import asked_shape
+        >>> class Heads(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.view(2, -1, 4)
+        >>> trace = record(Heads(), torch.randn(2, 12))
+        >>> [asked_shape(n) for n in trace.nodes]
+        [[2, -1, 4]]
+    """
     shape = node.args[1] if node.op.overloadpacket in _RESHAPES and len(node.args) > 1 else None
-    if not isinstance(shape, (list, tuple)) or len(shape) != parts.ndim:
-        return None
-    return next((k for k, d in enumerate(dims) if shape[d] == -1), None)
+    return list(shape) if isinstance(shape, (list, tuple)) and len(shape) == node.outputs[0].ndim else None
+
+
+def _inferred(node: Node, dims: list[int]) -> int | None:
+    shape = asked_shape(node)
+    return None if shape is None else next((k for k, d in enumerate(dims) if shape[d] == -1), None)
 
 
 class Relations:
@@ -146,7 +174,7 @@ class Relations:
         """
         choice = self.choices.get(len(self.splits), 0)
         merged_dim = merged_dim % max(merged.ndim, 1)
-        inferred = _inferred(self.node, parts, dims) if splits else None
+        inferred = _inferred(self.node, dims) if splits else None
         self.splits.append(Split(merged, merged_dim, parts, tuple(dims), splits, choice, inferred))
         return choice
 
