@@ -178,9 +178,12 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * head_dim)
         self.o_proj = nn.Linear(heads * head_dim, dim)
 
+    def head_size(self, width: int) -> int:
+        return self.head_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        shape = (b, n, -1, self.head_dim)
+        b, n, c = x.shape
+        shape = (b, n, -1, self.head_size(c))
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k, v = (
             p(x).view(shape).transpose(1, 2).repeat_interleave(self.groups, 1)
@@ -197,16 +200,8 @@ class InferredHeadsDerivedSize(GroupedQueryAttention):
         super().__init__()
         del self.head_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        shape = (b, n, -1, c // 4)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k, v = (
-            p(x).view(shape).transpose(1, 2).repeat_interleave(self.groups, 1)
-            for p in (self.k_proj, self.v_proj)
-        )
-        out = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    def head_size(self, width: int) -> int:
+        return width // 4
 
 
 def test_inferred_grouped_query_heads_go_with_their_key_value_head() -> None:
