@@ -31,6 +31,7 @@ from masksparse.graph import Graph, Group, trace
 from masksparse.graph.heads import fixed_heads
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
 from masksparse.graph.record import Node
+from masksparse.graph.rules import any_nonzero
 from masksparse.importance import (
     Criterion,
     criterion,
@@ -110,9 +111,8 @@ def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
         if is_dtensor(t):  # non-zeros counted per slice on each rank's piece, summed over ranks
             nonzero = reduce_slices(t, m.dim, 0)
         else:
-            # any() reads the values in place: no weight-sized temporary (NaN counts as non-zero)
             rest = tuple(d for d in range(t.ndim) if d != m.dim)
-            nonzero = t.any(dim=rest) if rest else t != 0
+            nonzero = torch.from_numpy(any_nonzero(t, rest))
         alive |= per_unit(m, nonzero.double(), group.size) > 0
     return ~alive
 
