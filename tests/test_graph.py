@@ -657,7 +657,7 @@ CASES = {**_cases(), **cases_layers.CASES, **cases_attention.CASES}
 NOT_EXERCISED = {
     # aliases the dispatcher rewrites or only other call paths produce (training mode, other dtypes,
     # composite ops that reach the dispatcher already decomposed)
-    "reshape", "flatten", "lift_fresh", "contiguous", "numpy_T",
+    "reshape", "flatten", "lift_fresh", "_to_copy", "contiguous", "numpy_T",
     "dropout", "feature_dropout", "alpha_dropout", "chunk", "unsafe_split", "split_with_sizes",
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "_log_softmax", "where",
     "masked_fill", "rsub", "gelu_", "mish_", "threshold_", "ones_like", "full_like",

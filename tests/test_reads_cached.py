@@ -43,17 +43,20 @@ def test_reads_cached_gives_one_tensor_until_orig_or_mask_change() -> None:
 
 def test_record_computes_each_masked_tensor_once() -> None:
     """nn.MultiheadAttention reads ``in_proj_weight`` more than once per forward; the recorded run
-    multiplies each pruned tensor by its mask exactly once, and its output is the plain forward's."""
+    computes each pruned tensor once, off the record (one static value holding the product, no node
+    reading a mask), and its output is the plain forward's."""
     attn = _pruned_attention()
     x = torch.randn(2, 5, 8)
     trace = record(attn, (x, x, x))
-    masks = {id(attn.in_proj_weight_mask), id(attn.out_proj.weight_mask)}
-    products = [
-        n
-        for n in trace.nodes
-        if any(v.source is not None and v.source[1].endswith("_mask") for v in n.inputs)
-    ]
-    assert len(products) == len(masks) == 2
+    products = [v for v in trace.values if v.source is not None and v.source[1].endswith("_orig")]
+    assert sorted(v.source for v in products) == [("", "in_proj_weight_orig"), ("out_proj", "weight_orig")]
+    for v in products:
+        module = attn.get_submodule(v.source[0])
+        name = v.source[1].removesuffix("_orig")
+        assert v.tensor is not None
+        expected = getattr(module, name + "_orig").detach() * getattr(module, name + "_mask")
+        torch.testing.assert_close(v.tensor, expected, rtol=0, atol=0)
+    assert not [n for n in trace.nodes for v in n.inputs if v.source and v.source[1].endswith("_mask")]
     with torch.no_grad():
         expected = attn(x, x, x)[0]
     torch.testing.assert_close(trace.output_tensors[0], expected, rtol=0, atol=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -60,32 +60,43 @@ def _assignment_error(module: nn.Module, name: str) -> PruningAttributeError:
     )
 
 
+Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_Cache = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]]
+
+
 class _Reads(threading.local):
-    # (id(module), name) -> (orig, mask, orig version, mask version, value) while a run caches reads
-    cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]] | None = None
+    def __init__(self) -> None:
+        # (id(module), name) -> (orig, mask, orig version, mask version, value) while a run caches reads
+        self.cache: _Cache | None = None
+        # what makes a masked value while the cache is on (see reads_cached)
+        self.compute: Compute = masked_value
 
 
 _READS = _Reads()
 
 
 @contextlib.contextmanager
-def reads_cached() -> Iterator[None]:
+def reads_cached(compute: Compute | None = None) -> Iterator[None]:
     """Within, each masked tensor is computed once, as torch.nn.utils.prune's pre-hook does per call.
 
     A module that reads ``weight`` several times in one forward (``nn.MultiheadAttention`` reads
     ``in_proj_weight`` in its fast-path checks and again to compute) gets the same tensor each time, as
     long as neither ``weight_orig`` nor ``weight_mask`` changes (their versions are checked). For runs
     without gradients, such as recording a model's operations, where every product would otherwise be a
-    new weight-sized tensor. Nesting keeps the outer cache.
+    new weight-sized tensor. Nesting keeps the outer cache. ``compute(orig, mask)``, if given, makes
+    each value in place of :func:`masked_value` (the recorder of :mod:`masksparse.graph.record` makes it
+    off the record, as one static value).
     """
     if _READS.cache is not None:
         yield
         return
     _READS.cache = {}
+    _READS.compute = compute or masked_value
     try:
         yield
     finally:
         _READS.cache = None
+        _READS.compute = masked_value
 
 
 def _masked_property(name: str) -> property:
@@ -105,7 +116,7 @@ def _masked_property(name: str) -> property:
             and hit[2:4] == (orig._version, mask._version)
         ):
             return hit[4]
-        value = masked_value(orig, mask)
+        value = _READS.compute(orig, mask)
         cache[key] = (orig, mask, orig._version, mask._version, value)
         return value
 
