@@ -36,7 +36,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (
         r"py:.*",
-        r"(torch|torchvision|numpy|collections|typing|types|os|pathlib|transformers|lightning)(\..*)?",
+        r"(torch|torchvision|numpy|collections|typing|types|os|pathlib|transformers|timm|lightning)(\..*)?",
     ),
     # Private helpers (e.g. the shared base of the unstructured methods) appear as bases, not as pages.
     (r"py:class", r"masksparse(\.\w+)*\._\w+"),

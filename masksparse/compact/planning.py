@@ -27,7 +27,7 @@ from masksparse.compact._inexact import (
 from masksparse.compact.plan import AttributeUpdate, BiasFold, HeadChange, KeptUnits, Plan, TensorCut
 from masksparse.compact.slicers import slicer_for
 from masksparse.graph import Graph, trace
-from masksparse.graph.heads import head_attribute, shrunk_splits
+from masksparse.graph.heads import head_attribute, head_swap, shrunk_splits
 from masksparse.graph.inexact import check_allow_inexact, inexact_units
 from masksparse.importance import shape_of
 
@@ -213,6 +213,10 @@ def _head_attributes(
             if type(getattr(module, k, None)) is int and getattr(module, k) == split.size * split.inner
         ]
         held = [] if name is None else [AttributeUpdate(split.module, name, split.size, split.kept)]
+        swap = head_swap(type(module))
+        if swap is not None and type(module) is not swap.compact:
+            # the class that holds fewer heads, for a module owning no tensor to cut (separate q/k/v)
+            held.append(AttributeUpdate(split.module, "__class__", type(module), swap.compact))
         for update in [*held, *width]:
             prior = updates.setdefault((split.module, update.name), update)
             if prior != update:
@@ -301,7 +305,8 @@ def _plan_once(
     cuts = _cuts(graph, removed)
     folds = _folds(model, graph, removed, cuts)
     head_attributes, heads = _head_attributes(model, graph, removed)
-    attributes = _attributes(model, graph, cuts) + head_attributes
+    # a module with a head swap and tensors of its own is swapped by its slicer too: once
+    attributes = list(dict.fromkeys(_attributes(model, graph, cuts) + head_attributes))
     changes = normalisation_changes(graph, removed) if allow_inexact else []
     if changes:
         attributes += normalisation_attributes(model, graph, changes, attributes)

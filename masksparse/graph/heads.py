@@ -78,10 +78,11 @@ def register_head_swap(types: Iterable[type], *, heads: str, compact: type) -> N
 
 
 # Modules defining classes that masksparse ships swaps for -> the masksparse module registering them,
-# imported on first use so that ``import masksparse`` does not import torchvision.
+# imported on first use so that ``import masksparse`` imports neither torchvision nor timm.
 _SHIPPED = {
     "torchvision.models.swin_transformer": "masksparse.compact.torchvision_attention",
     "torchvision.models.maxvit": "masksparse.compact.torchvision_attention",
+    "timm.models.eva": "masksparse.compact.timm_attention",
 }
 
 
