@@ -13,8 +13,9 @@ from typing import Any, cast
 from torch import nn
 
 from masksparse._errors import CompactionError
+from masksparse.graph.heads import head_swap
 
-__all__ = ["register_slicer", "slicer_for"]
+__all__ = ["register_slicer", "slicer_for", "swap_heads"]
 
 Slicer = Callable[[nn.Module, Mapping[str, tuple[int, ...]]], dict[str, Any]]
 _SLICERS: dict[type, Slicer] = {}
@@ -107,3 +108,14 @@ def _hf_conv1d(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict
 
 
 _SLICERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
+
+
+def swap_heads(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The slicer of an attention class with a registered head swap
+    (:func:`masksparse.graph.heads.register_head_swap`) that owns per-head tensors: a module of it whose
+    per-head tensors shrink becomes the compact class; the number of heads is updated from the reshapes
+    that split them out (see :func:`masksparse.graph.heads.head_attribute`)."""
+    swap = head_swap(type(module))
+    if swap is None:  # a subclass: its heads are kept (fixed_heads), so nothing per head is cut
+        return {}
+    return {"__class__": swap.compact}

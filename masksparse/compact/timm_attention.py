@@ -11,17 +11,16 @@ masksparse imports this module (and so timm) only when a model with an ``EvaAtte
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
 from timm.models.eva import EvaAttention
-from torch import Tensor, nn
+from torch import Tensor
 
-from masksparse.compact.slicers import register_slicer
-from masksparse.graph.heads import head_swap, register_head_swap
+from masksparse.compact.slicers import register_slicer, swap_heads
+from masksparse.graph.heads import register_head_swap
 
 __all__ = ["CompactEvaAttention"]
 
@@ -99,11 +98,4 @@ class CompactEvaAttention(EvaAttention):
 register_head_swap([EvaAttention, CompactEvaAttention], heads="num_heads", compact=CompactEvaAttention)
 
 
-@register_slicer(EvaAttention)
-def _swap(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """An ``EvaAttention`` whose per-head tensors shrink becomes :class:`CompactEvaAttention`; the number
-    of heads is updated from the reshapes that split them out."""
-    swap = head_swap(type(module))
-    if swap is None:  # a subclass: its heads are kept (fixed_heads), so nothing per head is cut
-        return {}
-    return {"__class__": swap.compact}
+register_slicer(EvaAttention)(swap_heads)

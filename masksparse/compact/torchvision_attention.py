@@ -14,7 +14,6 @@ traced (see :func:`masksparse.graph.heads.head_swap`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ from torch import Tensor, nn
 from torchvision.models import maxvit as _maxvit  # type: ignore[import-untyped]
 from torchvision.models import swin_transformer as _swin
 
-from masksparse.compact.slicers import register_slicer
-from masksparse.graph.heads import head_swap, register_head_swap
+from masksparse.compact.slicers import register_slicer, swap_heads
+from masksparse.graph.heads import register_head_swap
 
 __all__ = [
     "CompactRelativePositionalMultiHeadAttention",
@@ -227,15 +226,5 @@ register_head_swap(
 )
 
 
-def _swap(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A registered attention module whose per-head tensors shrink becomes its compact class; the
-    number of heads itself is updated from the reshapes that split them out (see
-    :func:`masksparse.graph.heads.head_attribute`)."""
-    swap = head_swap(type(module))
-    if swap is None:  # a subclass: its heads are kept (fixed_heads), so nothing per head is cut
-        return {}
-    return {"__class__": swap.compact}
-
-
 for _cls in (_swin.ShiftedWindowAttention, _maxvit.RelativePositionalMultiHeadAttention):
-    register_slicer(_cls)(_swap)
+    register_slicer(_cls)(swap_heads)
