@@ -100,7 +100,7 @@ def _group_amount(group: Group, default: float | int, amounts: dict[str, float |
     return next(iter(found.values()), default)
 
 
-def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
+def _dead_units(model: nn.Module, graph: Graph, group: Group) -> torch.Tensor:
     alive = torch.zeros(group.size, dtype=torch.bool)
     for m in group.members:
         if not is_parameter(model, m):
@@ -108,8 +108,12 @@ def _dead_units(model: nn.Module, group: Group) -> torch.Tensor:
         t = tensor_of(model.get_submodule(m.module), m.tensor)
         if t is None:
             continue
+        leaf = graph.leaves.get((m.module, m.tensor))
         if is_dtensor(t):  # non-zeros counted per slice on each rank's piece, summed over ranks
             nonzero = reduce_slices(t, m.dim, 0)
+        elif leaf is not None and leaf.tensor is not None and leaf.shape == tuple(t.shape) and m.dim < 2:
+            # the trace read this tensor: its zero slices are those the analysis found (or finds) there
+            nonzero = torch.from_numpy(~graph.states.zero(leaf, m.dim))
         else:
             rest = tuple(d for d in range(t.ndim) if d != m.dim)
             nonzero = torch.from_numpy(any_nonzero(t, rest))
@@ -159,7 +163,9 @@ def _candidates(
             and all(u in inexact or (u not in graph.fixed and u not in graph.unknown) for u in group.units)
         )
         if prunable and not any(u in heads for u in group.units):
-            found.append(_Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, group)))
+            found.append(
+                _Candidate(group, _group_amount(group, amount, amounts), _dead_units(model, graph, group))
+            )
     if skipped:
         _warn_skipped(skipped)
     return found

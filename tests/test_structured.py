@@ -215,16 +215,19 @@ def test_dead_units_and_masks_cover_every_index_of_a_unit() -> None:
     is zero (a NaN keeps it alive, as a count of non-zeros would), and masked on all nine columns."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
-    graph = trace(model, torch.randn(2, 3, 5, 5))
-    group = next(g for g in graph.groups if g.prunable)
-    columns = next(m for m in group.members if m.module == "3")
-    assert group.size == 4 and columns.indices[2] == tuple(range(18, 27))
     with torch.no_grad():
         for unit in (1, 2):
             model[0].weight[unit], model[0].bias[unit] = 0.0, 0.0
             model[3].weight[:, 9 * unit : 9 * unit + 9] = 0.0
         model[0].weight[2, 0, 0, 0] = float("nan")
-    assert _dead_units(model, group).tolist() == [False, True, False, False]
+    graph = trace(model, torch.randn(2, 3, 5, 5))
+    group = next(g for g in graph.groups if g.prunable)
+    columns = next(m for m in group.members if m.module == "3")
+    assert group.size == 4 and columns.indices[2] == tuple(range(18, 27))
+    assert _dead_units(model, graph, group).tolist() == [False, True, False, False]
+    # the same from the tensors themselves, as for a tensor the trace did not keep
+    graph.leaves.clear()
+    assert _dead_units(model, graph, group).tolist() == [False, True, False, False]
     _write_masks(model, [(group, torch.tensor([0, 3]))])
     gone = torch.tensor([u in (0, 3) for u in range(4)])
     assert torch.equal(model[3].weight_mask, ~gone.repeat_interleave(9)[None, :].expand(2, 36))

@@ -86,6 +86,8 @@ class Graph:
         self.folds: list[tuple[int, str, int, float]] = []  # (unit, module, column, constant)
         self.blocked: list[tuple[np.ndarray, str]] = []  # (slots, why no compaction may remove them)
         self.groups: tuple[Group, ...] = ()
+        # (module path, tensor name) -> the value each parameter and buffer (masks left out) is read as
+        self.leaves: dict[tuple[str, str], Value] = {}
 
     def slots(self, v: Value, dim: int, index: np.ndarray | None = None) -> np.ndarray:
         """Global slot numbers of ``v``'s dimension ``dim`` (all, or at ``index``)."""
@@ -331,7 +333,7 @@ def _flags(graph: Graph) -> None:
 
 def _leaf_slots(graph: Graph) -> tuple[list[tuple[str, str, int]], np.ndarray, np.ndarray, np.ndarray]:
     """Every slot of every parameter and buffer (masks left out): its unit, its (tensor, dim), index."""
-    leaves: dict[tuple[str, str], Value] = {}
+    leaves = graph.leaves
     for v in graph.trace.values:
         if v.source is not None and not v.source[1].endswith("_mask"):
             leaves.setdefault(_leaf_name(v.source), v)

@@ -231,6 +231,7 @@ class States:
         self.splits: dict[int, Split] = {}
         self._known: dict[tuple[int, int], np.ndarray] = {}
         self._nonzero: dict[int, np.ndarray] = {}
+        self._zero: dict[tuple[int, int], np.ndarray] = {}
 
     def get(self, v: Value, dim: int) -> np.ndarray:
         """The constants of ``v``'s slots along ``dim`` (NaN: not a known constant)."""
@@ -247,9 +248,15 @@ class States:
         conv weight's) or made already, else one reduction that allocates nothing weight-sized."""
         if (v.id, dim) in self._known or v.tensor is None or v.ndim < 2 or dim > 1 or v.tensor.numel() == 0:
             return np.asarray(self.get(v, dim) == 0)
-        if v.ndim > 2 or v.id in self._nonzero:
-            return np.asarray(~self.nonzero(v).any(1 - dim))
-        return ~any_nonzero(v.tensor, (1 - dim,))
+        got = self._zero.get((v.id, dim))
+        if got is None:
+            if v.ndim > 2 or v.id in self._nonzero:
+                got = np.asarray(~self.nonzero(v).any(1 - dim))
+            else:
+                got = ~any_nonzero(v.tensor, (1 - dim,))
+            got.flags.writeable = False  # shared by every caller
+            self._zero[(v.id, dim)] = got
+        return got
 
     def nonzero(self, v: Value) -> np.ndarray:
         """For a static value of 2+ dims, shape ``(shape[0], shape[1])``: does the block ``v[i, j]``
